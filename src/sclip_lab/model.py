@@ -1,0 +1,320 @@
+"""Load any open_clip ViT and run it densely (PROTOCOL §1–2).
+
+``load_clip`` builds an open_clip model from an architecture name plus a hub tag or a
+local checkpoint (open_clip state dict, or OpenAI's ``clip`` file as a state dict or its
+TorchScript archive). ``DenseEncoder`` runs the visual tower's blocks 1…depth−1
+unchanged (``trunk``), then the last block with a registered attention variant
+(``head``), then ``ln_post`` and ``proj`` on every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sclip_lab.attention import (
+    AttentionInputs,
+    Variant,
+    merge_heads,
+    softmax_attention,
+    split_heads,
+)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Buffers OpenAI's TorchScript CLIP carries beside its weights; their presence marks the format.
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class ModelError(Exception):
+    """A model or checkpoint problem, with the fix in the message."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"device={device!r} is not one of auto|cpu|cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("device=cuda but no CUDA device is visible; use device=cpu")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
+    return precision
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], bool]:
+    """Read a checkpoint file -> (state dict, is_openai_format).
+
+    Accepts safetensors, ``torch.save`` dicts (optionally under ``state_dict`` with a
+    ``module.`` prefix) and OpenAI's TorchScript archives.
+    """
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist; set model.pretrained to a file "
+                         "or a hub tag such as 'openai'")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd, jit = load_file(str(path)), False
+        elif zipfile.is_zipfile(path) and _is_torchscript(path):
+            sd, jit = torch.jit.load(str(path), map_location="cpu").state_dict(), True
+        else:
+            sd, jit = torch.load(path, map_location="cpu", weights_only=True), False
+    except Exception as e:  # noqa: BLE001 - any decoding failure means "not a checkpoint"
+        raise ModelError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                         "pass an open_clip or OpenAI CLIP ViT weights file") from None
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ModelError(f"{path} holds no state dict of tensors; pass a CLIP ViT checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if "visual.conv1.weight" not in sd or "visual.transformer.resblocks.0.ln_1.weight" not in sd:
+        raise ModelError(f"{path} is not a CLIP ViT checkpoint (no visual.conv1 / "
+                         "visual.transformer.resblocks keys); pass an open_clip or OpenAI "
+                         "CLIP ViT weights file")
+    openai = jit or any(k in sd for k in OPENAI_META_KEYS)
+    return {k: v for k, v in sd.items() if k not in OPENAI_META_KEYS}, openai
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") for name in zf.namelist())
+
+
+def quickgelu_arch(arch: str) -> str:
+    """The QuickGELU twin of an open_clip config name (OpenAI weights need it)."""
+    if arch.endswith("-quickgelu"):
+        return arch
+    twin = f"{arch}-quickgelu"
+    return twin if twin in open_clip.list_models() else arch
+
+
+def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str = "auto",
+              quick_gelu: bool | None = None) -> tuple[nn.Module, dict]:
+    """Build an open_clip CLIP ViT with weights.
+
+    Args:
+        arch: open_clip config name (``ViT-B-16-quickgelu``, ``ViT-L-14``…).
+        pretrained: a hub tag (``openai``, ``laion2b_s34b_b88k``…), a local checkpoint
+            path, or ``none`` for random weights (tests).
+        precision: ``auto`` (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.
+        device: ``auto`` | cpu | cuda.
+        quick_gelu: force the activation; None = QuickGELU exactly for OpenAI weights.
+
+    Returns:
+        ``(model in eval mode, info)`` where info records what was resolved.
+    """
+    if arch not in open_clip.list_models():
+        near = [m for m in open_clip.list_models() if m.lower().startswith(arch[:5].lower())]
+        raise ModelError(f"unknown model.arch={arch!r}; open_clip has e.g. {near[:12]}")
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    path = Path(os.path.expanduser(pretrained))
+    is_file = pretrained not in ("", "none") and (path.suffix != "" or path.exists())
+    state, openai = (read_checkpoint(path) if is_file
+                     else (None, pretrained == "openai"))
+    if quick_gelu is None:
+        quick_gelu = openai or arch.endswith("-quickgelu")
+    built = quickgelu_arch(arch) if quick_gelu else arch
+    if quick_gelu and built != arch:
+        log.info("OpenAI weights: building %s (QuickGELU) instead of %s", built, arch)
+    tag = pretrained if not is_file and pretrained not in ("", "none") else None
+    try:
+        model = open_clip.create_model(built, pretrained=tag, precision=prec, device=dev,
+                                       force_quick_gelu=quick_gelu and built == arch
+                                       and not arch.endswith("-quickgelu"))
+    except RuntimeError as e:
+        raise ModelError(f"could not get weights '{pretrained}' for {built} ({e}); without hub "
+                         "access pass a local file: model.pretrained=/path/to/ViT-B-16.pt"
+                         ) from None
+    if not isinstance(getattr(model, "visual", None), open_clip.transformer.VisionTransformer):
+        raise ModelError(f"{arch} has no open_clip VisionTransformer tower; use a ViT config")
+    if state is not None:
+        _load_state(model, state, path, built)
+    model.eval().requires_grad_(False)
+    info = {"arch": built, "pretrained": pretrained, "precision": prec, "device": str(dev),
+            "quick_gelu": bool(quick_gelu), "openai_format": bool(openai)}
+    return model, info
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str) -> None:
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    result = None
+    if not mismatched:
+        result = model.load_state_dict(state, strict=False)
+    missing = [k for k in (result.missing_keys if result else []) if k in own]
+    if mismatched or missing:
+        raise ModelError(f"{path} does not fit model.arch={arch}: "
+                         f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]}), "
+                         f"{len(missing)} missing keys (e.g. {missing[:3]}); set model.arch "
+                         "to the checkpoint's architecture")
+    if result and result.unexpected_keys:
+        log.warning("%s: ignored %d unexpected keys (e.g. %s)", path,
+                    len(result.unexpected_keys), result.unexpected_keys[:3])
+
+
+# ------------------------------------------------------------------------ dense forward
+
+
+def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``(1 + g², D)`` table -> ``(1 + h·w, D)`` for another grid (CLS row kept).
+
+    Bicubic with ``scale_factor = ((h + 0.1)/g, (w + 0.1)/g)`` as in the reference code
+    (DINO's rule): the +0.1 makes the floor of the output size land on (h, w).
+    """
+    n = pos.shape[0] - 1
+    g = int(math.sqrt(n))
+    if grid == (g, g):
+        return pos
+    cls, patches = pos[:1], pos[1:]
+    patches = patches.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, scale_factor=((grid[0] + 0.1) / g, (grid[1] + 0.1) / g),
+                            mode="bicubic", align_corners=False)
+    assert tuple(patches.shape[-2:]) == grid, (patches.shape, grid)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
+
+
+def attention_qkv(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head q, k, v ``(B, heads, N, d_h)`` of a block's MHA on its LN1 output z."""
+    attn = block.attn
+    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
+
+
+@dataclass
+class TrunkOutput:
+    """Blocks 1…depth−1 applied to a window batch.
+
+    Attributes:
+        x: ``(B, N, D)`` input of the last block.
+        grid: ``(h, w)`` patch grid.
+        early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention map of that block.
+    """
+
+    x: Tensor
+    grid: tuple[int, int]
+    early: dict[int, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LastBlock:
+    """A built last-block variant: the registered attention with its parameters bound."""
+
+    variant: Variant
+    params: Mapping
+    early_layers: tuple[int, ...] = ()
+
+    def attention(self, inputs: AttentionInputs) -> Tensor:
+        return self.variant.fn(inputs, **self.params)
+
+
+class DenseEncoder(nn.Module):
+    """open_clip visual tower -> L2-normalised dense features ``(B, h·w, E)``."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ModelError("towers with attentional pooling (e.g. SigLIP) are not supported")
+        self.visual = visual
+        self.depth = len(visual.transformer.resblocks)
+        self.patch = visual.conv1.kernel_size[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` -> tokens ``(B, 1 + h·w, D)`` after ln_pre, and the grid."""
+        v = self.visual
+        x = v.conv1(images.to(self.dtype))  # (B, D, h, w)
+        grid = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)  # (B, h·w, D)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(v.positional_embedding, grid
+                                                               ).to(x.dtype)
+        return v.ln_pre(x), grid
+
+    def trunk(self, images: Tensor, early_layers: Sequence[int] = ()) -> TrunkOutput:
+        """Blocks 1…depth−1 on ``(B, 3, H, W)``, keeping the attention maps of ``early_layers``
+        (1-indexed; ``depth`` means the last block's own vanilla map, computed in ``head``)."""
+        x, grid = self.embed(images)
+        early = {}
+        for i, block in enumerate(self.visual.transformer.resblocks[:-1], start=1):
+            if i in early_layers:
+                q, k, _ = attention_qkv(block, block.ln_1(x))
+                early[i] = softmax_attention(q, k)
+            x = block(x)
+        return TrunkOutput(x, grid, early)
+
+    def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
+        """The last block with ``last``'s attention, then ln_post and proj on every token.
+
+        Returns:
+            ``(B, h·w, E)`` L2-normalised patch features (CLS dropped).
+        """
+        tokens = self.last_block(trunk, last)
+        v = self.visual
+        feats = v.ln_post(tokens[:, 1:]) @ v.proj
+        return F.normalize(feats.float(), dim=-1)
+
+    def last_inputs(self, trunk: TrunkOutput, last: LastBlock) -> AttentionInputs:
+        """What the last block's attention variant sees: LN1 output, per-head q/k/v with
+        in_proj biases, the grid, and borrowed maps (the last block's own vanilla map too)."""
+        block = self.visual.transformer.resblocks[-1]
+        z = block.ln_1(trunk.x)
+        q, k, v = attention_qkv(block, z)
+        early = dict(trunk.early)
+        if self.depth in last.early_layers:
+            early[self.depth] = softmax_attention(q, k)
+        return AttentionInputs(z, q, k, v, trunk.grid, early)
+
+    def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
+        """``(B, heads, N, N)``: the last block's attention map under ``last``."""
+        return last.attention(self.last_inputs(trunk, last))
+
+    def last_block(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
+        """``(B, N, D)`` output of the last block under ``last``'s attention (before ln_post)."""
+        block = self.visual.transformer.resblocks[-1]
+        x = trunk.x
+        inputs = self.last_inputs(trunk, last)
+        attn = last.attention(inputs)
+        out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
+        if not last.variant.residual:
+            return out
+        x = x + block.ls_1(out)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def forward(self, images: Tensor, last: LastBlock) -> Tensor:
+        return self.head(self.trunk(images, last.early_layers), last)
+
+    def pooled(self, images: Tensor, last: LastBlock) -> Tensor:
+        """``(B, E)`` CLS output, the quantity open_clip's ``encode_image`` returns."""
+        tokens = self.last_block(self.trunk(images, last.early_layers), last)
+        return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
+
+
+def patch_logits(feats: Tensor, queries: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Dense features ``(B, h·w, E)`` -> cosine logits ``(B, Q, h, w)`` on the patch grid."""
+    B = feats.shape[0]
+    return (feats @ queries.float().T).transpose(1, 2).reshape(B, -1, *grid)

@@ -1,0 +1,309 @@
+"""Assemble the rooms into a segmenter: image -> windows -> trunk -> last block -> logits
+-> post-process. ``build_*`` functions unpack config sections into explicit arguments;
+nothing below them sees a config.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from torch import Tensor
+
+from sclip_lab import attention as attn
+from sclip_lab import segment
+from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, load_clip, patch_logits
+from sclip_lab.text import classifier, split_queries
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown config value; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    short_side: int
+    window: int = 224
+    stride: int = 112
+
+    def __post_init__(self):
+        for key in ("short_side", "window", "stride"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"preprocess.{key}={getattr(self, key)} must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Refine:
+    """Optional PAMR on the stitched logits (None/``none`` = off)."""
+
+    steps: int = 10
+    dilations: tuple[int, ...] = (8, 16)
+
+
+def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
+    name = (section or {}).get("name", "none")
+    if name == "none":
+        return None
+    if name != "pamr":
+        raise ConfigError(f"unknown postprocess={name!r}; choose none or pamr")
+    steps, dil = int(section.get("steps", 10)), tuple(int(d) for d in section["dilations"])
+    if steps < 1 or not dil or min(dil) < 1:
+        raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
+                          f"(got steps={steps}, dilations={list(dil)})")
+    return Refine(steps, dil)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None, odd: bool = False
+               ) -> int:
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ConfigError(f"{name}={value} must be an integer")
+    v = int(value)
+    if v < low or (high is not None and v > high) or (odd and v % 2 == 0):
+        rng = f"{low}…{high}" if high is not None else f"≥ {low}"
+        raise ConfigError(f"{name}={value} is impossible: use an {'odd ' if odd else ''}"
+                          f"integer {rng}")
+    return v
+
+
+def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
+                     encoder: DenseEncoder,
+                     learned: tuple[Tensor, Tensor | None] | None = None) -> LastBlock:
+    """Validate an attention (+ projection) section and bind its parameters.
+
+    Args:
+        attention: ``cfg.attention`` (``name`` plus the variant's knobs).
+        projection: ``cfg.projection`` or None (csa then uses qk, the published default).
+        encoder: the dense encoder whose last block supplies W_q / W_k.
+        learned: the trained (W, b) for ``projection=learned``.
+    """
+    name = attention.get("name")
+    try:
+        variant = attn.get_variant(name)
+    except ValueError as e:
+        raise ConfigError(f"{e} (attention=<name>)") from None
+    if projection is not None and name != "csa":
+        raise ConfigError(f"attention={name} has no projection; projection={projection['name']}"
+                          " applies to attention=csa only (drop the projection override)")
+    depth = encoder.depth
+    params: dict[str, Any] = {}
+    early_layers: tuple[int, ...] = ()
+    if name in ("sharpen", "csa"):
+        t = float(attention.get("temperature", attn.HEAD_TEMPERATURE))
+        if t < 0 or (name == "csa" and t == 0):
+            raise ConfigError(f"temperature={t} is impossible: use a value > 0"
+                              + (" (0 = hard max is for attention=sharpen)" if t == 0 else ""))
+        params["temperature"] = t
+    if name == "local":
+        params["window"] = _check_int("window", attention.get("window"), 1, odd=True)
+    if name == "early":
+        params["layer"] = _check_int("layer", attention.get("layer"), 1, depth)
+        early_layers = (params["layer"],)
+    if name == "naclip":
+        sigma = float(attention.get("sigma", 5.0))
+        if sigma <= 0:
+            raise ConfigError(f"sigma={sigma} must be > 0")
+        params["sigma"] = sigma
+    if name == "csa":
+        proj = dict(projection or {"name": "qk", "combine": "sum"})
+        mode = proj.get("name")
+        if mode not in attn.PROJECTIONS:
+            raise ConfigError(f"unknown projection={mode!r}; "
+                              f"choose one of {list(attn.PROJECTIONS)}")
+        n = _check_int("n", proj.get("n", 1), 1) if mode == "random" else 1
+        trial = _check_int("trial", proj.get("trial", 0), 0) if mode == "random" else 0
+        combine = attention.get("combine") or proj.get("combine") or "sum"
+        if combine not in attn.COMBINES:
+            raise ConfigError(f"combine={combine!r}; choose one of {list(attn.COMBINES)}")
+        block = encoder.visual.transformer.resblocks[-1]
+        params["projections"] = attn.csa_projections(mode, block.attn, n=n, trial=trial,
+                                                     learned=learned)
+        params["combine"] = combine
+    return LastBlock(variant, params, early_layers)
+
+
+@dataclass(frozen=True)
+class Head:
+    """What differs between variants that share a trunk: the last block and refinement."""
+
+    last: LastBlock
+    refine: Refine | None = None
+
+
+def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
+               postprocess: Mapping[str, Any] | None, encoder: DenseEncoder,
+               learned: tuple[Tensor, Tensor | None] | None = None) -> Head:
+    """A variant's last block and refinement, validated."""
+    return Head(build_last_block(attention, projection, encoder, learned),
+                build_refine(postprocess))
+
+
+@dataclass
+class WindowGroup:
+    """Equal-size windows of several images, through blocks 1…depth−1.
+
+    Attributes:
+        owners: per window, (image index, box ``(y1, y2, x1, x2)``).
+        trunk: their trunk outputs, ``x`` of shape ``(len(owners), N, D)``.
+    """
+
+    owners: list[tuple[int, tuple[int, int, int, int]]]
+    trunk: TrunkOutput
+
+
+def _cat_trunks(parts: Sequence[TrunkOutput]) -> TrunkOutput:
+    early = {k: torch.cat([p.early[k] for p in parts]) for k in parts[0].early}
+    return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid, early)
+
+
+def _slice_trunk(t: TrunkOutput, start: int, stop: int) -> TrunkOutput:
+    return TrunkOutput(t.x[start:stop], t.grid, {k: v[start:stop] for k, v in t.early.items()})
+
+
+@dataclass
+class Segmenter:
+    """Image(s) -> logits and class maps, for one or several last-block variants.
+
+    Blocks 1…depth−1 run once per window (``encode``); each variant's head then reuses
+    them (``stitched``). ``heads[0]`` is the default variant of ``logits``/``predict``.
+    """
+
+    encoder: DenseEncoder
+    heads: list[Head]
+    queries: Tensor  # (Q, E) normalised text embeddings
+    post: segment.PostProcess
+    prep: Preprocess
+    batch_size: int = 16
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries.device
+
+    def early_layers(self, heads: Sequence[Head]) -> tuple[int, ...]:
+        """Trunk blocks whose attention maps some head borrows (the last block's is free)."""
+        return tuple(sorted({i for h in heads for i in h.last.early_layers
+                             if i < self.encoder.depth}))
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = ()
+               ) -> list[WindowGroup]:
+        """Trunk outputs of every sliding window of ``images`` (each ``(3, h, w)``),
+        batched across images by window size, keeping ``early_layers``' attention maps."""
+        owners: dict[tuple[int, int], list] = {}
+        for i, img in enumerate(images):
+            boxes = segment.window_boxes(img.shape[1], img.shape[2], self.prep.window,
+                                         self.prep.stride)
+            for size, group in segment.group_by_size(boxes).items():
+                owners.setdefault(size, []).extend((i, box) for box in group)
+        groups = []
+        for members in owners.values():
+            parts = []
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2)
+                                     in chunk]).to(self.device)
+                parts.append(self.encoder.trunk(crops, early_layers))
+            groups.append(WindowGroup(members, _cat_trunks(parts)))
+        return groups
+
+    @torch.no_grad()
+    def stitched(self, groups: Sequence[WindowGroup], shapes: Sequence[tuple[int, int]],
+                 sizes: Sequence[tuple[int, int]], head: Head) -> list[Tensor]:
+        """Per image, ``(Q, H, W)`` window logits under ``head``'s last block, stitched over
+        the resized ``shapes`` and resized to the original ``sizes``."""
+        windows: list[dict] = [{} for _ in shapes]
+        for g in groups:
+            for start in range(0, len(g.owners), self.batch_size):
+                chunk = g.owners[start:start + self.batch_size]
+                trunk = _slice_trunk(g.trunk, start, start + len(chunk))
+                logits = patch_logits(self.encoder.head(trunk, head.last), self.queries,
+                                      trunk.grid)
+                for (i, box), logit in zip(chunk, logits):
+                    windows[i][box] = logit
+        return [segment.stitch_windows(w, h, wd, tuple(size))
+                for w, (h, wd), size in zip(windows, shapes, sizes)]
+
+    def refined(self, logits: Tensor, resized: Tensor, refine: Refine | None) -> Tensor:
+        """``(Q, H, W)`` logits at the original size, PAMR-refined if ``refine`` is on."""
+        size = tuple(logits.shape[-2:])
+        if refine is not None:
+            guide = segment.upsample(resized.to(logits.device).float(), tuple(size))
+            logits = segment.pamr(guide, logits, refine.steps, refine.dilations)
+        return logits
+
+    def logits_many(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                    heads: Sequence[Head] | None = None) -> list[list[Tensor]]:
+        """``[head][image] -> (Q, H, W)`` for preprocessed images, one shared trunk pass."""
+        heads = self.heads if heads is None else heads
+        groups = self.encode(resized, self.early_layers(heads))
+        shapes = [tuple(r.shape[1:]) for r in resized]
+        return [[self.refined(lg, r, head.refine)
+                 for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
+                for head in heads]
+
+    def logits(self, image: np.ndarray | None = None, *, resized: Tensor | None = None,
+               size: tuple[int, int] | None = None) -> Tensor:
+        """``(Q, H, W)`` stitched cosine logits of one image under the default head.
+
+        Pass either the ``(H, W, 3)`` uint8 image, or its preprocessed ``(3, h, w)`` tensor
+        (``resized``, e.g. from a DataLoader worker) together with the original ``size``.
+        """
+        if resized is None:
+            size = image.shape[:2]
+            resized = segment.preprocess(image, self.prep.short_side)
+        return self.logits_many([resized], [tuple(size)], self.heads[:1])[0][0]
+
+    def predict(self, image: np.ndarray | None = None, **kw) -> Tensor:
+        """``(H, W)`` int64 class map under the default head."""
+        return segment.predict_classes(self.logits(image, **kw), self.post)
+
+
+def build_segmenter(
+    *,
+    model: Mapping[str, Any],
+    attention: Mapping[str, Any],
+    projection: Mapping[str, Any] | None,
+    preprocess: Mapping[str, Any],
+    postprocess: Mapping[str, Any] | None,
+    classes: Sequence[str],
+    logit_scale: float,
+    prob_thd: float = 0.0,
+    area_thd: float | None = None,
+    templates: str = "openai_imagenet",
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 16,
+    cache_dir: str | None = None,
+    learned: tuple[Tensor, Tensor | None] | None = None,
+) -> tuple[Segmenter, dict]:
+    """Load the model and text queries, validate the variant -> (segmenter, model info)."""
+    if model.get("config_file"):
+        path = Path(model["config_file"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.config_file={path} does not exist")
+        open_clip.add_model_config(path)
+    prep = Preprocess(int(preprocess["short_side"]), int(preprocess["window"]),
+                      int(preprocess["stride"]))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be ≥ 1")
+    if not classes:
+        raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
+    clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
+                           model.get("quick_gelu"))
+    encoder = DenseEncoder(clip.visual)
+    head = build_head(attention, projection, postprocess, encoder, learned)
+    names, owner = split_queries(classes)
+    dev = torch.device(info["device"])
+    queries = classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
+    post = segment.PostProcess(torch.tensor(owner), len(classes), float(logit_scale),
+                               float(prob_thd or 0.0),
+                               None if area_thd is None else float(area_thd))
+    info.update(num_queries=len(names), depth=encoder.depth)
+    return Segmenter(encoder, [head], queries, post, prep, batch_size), info

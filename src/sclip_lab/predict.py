@@ -1,0 +1,73 @@
+"""Segment one image: ``python -m sclip_lab.predict image=PATH output=PRED.png``.
+
+Takes every override of ``sclip_lab.run``; the vocabulary is the dataset's (with its
+logit scale and thresholds) or a free list ``classes="[cat, dog, grass]"``. Writes the
+prediction as a palette PNG and, with ``logits=FILE.npy``, the stitched cosine logits
+``(Q, H, W)`` float32 at the original size, before the logit scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from sclip_lab import data, segment, viz
+from sclip_lab.config import CONF_DIR
+from sclip_lab.pipeline import ConfigError
+from sclip_lab.run import USER_ERRORS, segmenter_from_config
+
+log = logging.getLogger("sclip_lab")
+
+
+def vocabulary(cfg: DictConfig) -> tuple[list[str], float, float, float | None]:
+    """(class lines, logit scale, prob_thd, area_thd) from ``classes=`` or ``dataset=``."""
+    if cfg.classes is not None:
+        classes = [cfg.classes] if isinstance(cfg.classes, str) else list(cfg.classes)
+        classes = [str(c).strip() for c in classes if str(c).strip()]
+        if not classes:
+            raise ConfigError("classes=[] is empty; give e.g. classes=\"[cat, dog, grass]\"")
+        return classes, float(cfg.logit_scale), 0.0, None
+    spec = data.spec_from_config(cfg.dataset)
+    return list(spec.classes), spec.logit_scale, spec.prob_thd, spec.area_thd
+
+
+def predict(cfg: DictConfig) -> np.ndarray:
+    """Segment ``cfg.image``; write ``cfg.output`` (and ``cfg.logits``); return ``(H, W)``."""
+    output = Path(cfg.output)
+    if output.suffix.lower() != ".png":
+        raise ConfigError(f"output={output} must be a .png file (a palette PNG is written)")
+    image = data.read_image(Path(cfg.image))
+    classes, scale, prob_thd, area_thd = vocabulary(cfg)
+    segmenter, info = segmenter_from_config(cfg, classes, scale, prob_thd, area_thd)
+    logits = segmenter.logits(image)
+    pred = segment.predict_classes(logits, segmenter.post).cpu().numpy()
+    viz.save_palette_png(pred, output)
+    if cfg.logits:
+        Path(cfg.logits).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cfg.logits, logits.cpu().numpy().astype(np.float32))
+    names = [c.split(", ")[0] for c in classes]
+    found = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
+    log.info("%s: %s", cfg.image, ", ".join(f"{k} {v / pred.size:.1%}" for k, v in
+                                            sorted(found.items(), key=lambda kv: -kv[1])))
+    print(f"wrote {output} ({pred.shape[1]}×{pred.shape[0]}, {len(classes)} classes, "
+          f"{info['arch']} {info['precision']})")
+    return pred
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        predict(cfg)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Images to class maps: resize, sliding windows, stitching, post-processing (PROTOCOL §5).
+
+Shapes: an image is ``(H, W, 3)`` uint8 RGB before normalisation, ``(3, h, w)`` float32
+after; logits are ``(Q, H, W)`` cosine similarities (one plane per text query);
+probabilities ``(C, H, W)`` after the synonym max; predictions ``(H, W)`` int64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# CLIP's normalisation constants × 255, three decimals, as in the reference pipeline.
+PIXEL_MEAN = (122.771, 116.746, 104.094)
+PIXEL_STD = (68.501, 66.632, 70.323)
+MAX_LONG_SIDE = 2048
+
+
+def resized_shape(height: int, width: int, short_side: int, max_long: int = MAX_LONG_SIDE
+                  ) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale: the scale that fits (max_long, short_side), rounded half up.
+
+    Returns ``(new_height, new_width)``.
+    """
+    scale = min(max_long / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, short_side: int) -> np.ndarray:
+    """``(H, W, 3)`` uint8 -> ``(h, w, 3)`` uint8, bilinear, aspect kept (small images grow)."""
+    h, w = resized_shape(image.shape[0], image.shape[1], short_side)
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def normalize(image: np.ndarray) -> torch.Tensor:
+    """``(h, w, 3)`` uint8 RGB -> ``(3, h, w)`` float32, (x − mean) / std on 0–255 values."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(image: np.ndarray, short_side: int) -> torch.Tensor:
+    """The whole image side of the protocol: resize then normalise -> ``(3, h, w)``."""
+    return normalize(resize_image(image, short_side))
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int
+                 ) -> list[tuple[int, int, int, int]]:
+    """mmseg's slide-inference grid as ``(y1, y2, x1, x2)`` boxes, row-major.
+
+    The last window of a row/column is shifted back inside the image; no padding; a side
+    shorter than ``crop`` gives one window of its full extent.
+    """
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for i in range(rows):
+        for j in range(cols):
+            y2 = min(i * stride + crop, height)
+            x2 = min(j * stride + crop, width)
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return boxes
+
+
+def group_by_size(boxes: Sequence[tuple[int, int, int, int]]
+                  ) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """Boxes keyed by window size ``(hc, wc)``: equal sizes can share an encoder batch."""
+    groups: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+    for box in boxes:
+        y1, y2, x1, x2 = box
+        groups.setdefault((y2 - y1, x2 - x1), []).append(box)
+    return groups
+
+
+def interpolation_matrix(size_in: int, size_out: int, device=None) -> torch.Tensor:
+    """``(size_out, size_in)`` matrix of 1-D linear interpolation, align_corners=False.
+
+    Bilinear resizing is separable: ``F.interpolate(L, (H, W), "bilinear") ==
+    A_H @ L @ A_Wᵀ`` with these matrices (border clamping included), which lets windows be
+    upsampled and stitched with two matmuls instead of a full-size add per window.
+    """
+    eye = torch.eye(size_in, device=device)[None]  # (1, in, in): one channel per source
+    return F.interpolate(eye, size=size_out, mode="linear", align_corners=False)[0].T
+
+
+def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
+                   height: int, width: int, size: tuple[int, int] | None = None
+                   ) -> torch.Tensor:
+    """Upsample every window's patch-grid logits to its box, average where they overlap,
+    and optionally resize the result to the original image ``size``.
+
+    Args:
+        windows: box ``(y1, y2, x1, x2)`` -> ``(Q, gh, gw)`` logits on its patch grid; the
+            boxes must be the full grid of ``window_boxes`` (every row range × column range).
+        height, width: the stitched (resized image) size.
+        size: ``(H, W)`` to bilinearly resize to (PROTOCOL §5.7), or None.
+
+    Returns:
+        ``(Q, H, W)`` fp32, equal to bilinear(Σ_w pad(bilinear(L_w, box)) / coverage, size)
+        (PROTOCOL §5.5–7). Every step is linear and separable and the coverage is an outer
+        product of row and column counts, so it is computed as ``G_H @ M @ G_Wᵀ``: M tiles
+        the low-resolution window logits, G_H / G_W stack each window row's / column's
+        interpolation matrix, divided by the coverage, then the final resize matrix.
+    """
+    rows = sorted({(y1, y2) for y1, y2, _, _ in windows})
+    cols = sorted({(x1, x2) for _, _, x1, x2 in windows})
+    device = next(iter(windows.values())).device
+
+    def placed(ranges: list[tuple[int, int]], grids: list[int], total: int) -> torch.Tensor:
+        blocks = []
+        for (a, b), g in zip(ranges, grids):
+            block = torch.zeros(total, g, device=device)
+            block[a:b] = interpolation_matrix(g, b - a, device)
+            blocks.append(block)
+        return torch.cat(blocks, dim=1)  # (total, Σg)
+
+    def coverage(ranges: list[tuple[int, int]], total: int) -> torch.Tensor:
+        cover = torch.zeros(total, device=device)
+        for a, b in ranges:
+            cover[a:b] += 1
+        return cover
+
+    grid_h = [windows[(y1, y2, *cols[0])].shape[1] for y1, y2 in rows]
+    grid_w = [windows[(*rows[0], x1, x2)].shape[2] for x1, x2 in cols]
+    tiles = torch.cat([torch.cat([windows[(y1, y2, x1, x2)].float() for x1, x2 in cols], dim=2)
+                       for y1, y2 in rows], dim=1)  # (Q, Σgh, Σgw)
+    left = placed(rows, grid_h, height) / coverage(rows, height)[:, None]  # (h, Σgh)
+    right = placed(cols, grid_w, width) / coverage(cols, width)[:, None]  # (w, Σgw)
+    if size is not None and tuple(size) != (height, width):
+        left = interpolation_matrix(height, size[0], device) @ left
+        right = interpolation_matrix(width, size[1], device) @ right
+    return left @ tiles @ right.T
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(Q, h, w) -> (Q, *size)`` bilinear, align_corners=False (mmseg's resize)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Protocol constants that turn stitched logits into a class map (PROTOCOL §5.9–12).
+
+    Attributes:
+        query_class: ``(Q,)`` long, the class index of every text query.
+        num_classes: C.
+        logit_scale: the dataset's scale applied before the softmax over queries.
+        prob_thd: pixels whose max class probability is below it become class 0 (0 = off).
+        area_thd: classes ≥ 1 covering at most this fraction of the foreground are dropped
+            (None = off).
+    """
+
+    query_class: torch.Tensor
+    num_classes: int
+    logit_scale: float
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+
+
+def class_probabilities(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
+    """``(Q, H, W)`` cosine logits -> ``(C, H, W)`` fp32 probabilities (max over synonyms)."""
+    probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
+    if pp.num_classes == probs.shape[0]:
+        return probs
+    index = pp.query_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
+    out = torch.full((pp.num_classes, *probs.shape[1:]), -1.0, device=probs.device)
+    return out.scatter_reduce(0, index, probs, reduce="amax", include_self=True)
+
+
+def predict_classes(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
+    """``(Q, H, W)`` stitched logits at the original size -> ``(H, W)`` int64 class map.
+
+    Same result as thresholding and taking the argmax of ``class_probabilities``, without
+    building the ``(C, H, W)`` map: queries are ordered by class, so the class of the
+    first maximal query is the lowest maximal class (ties -> lowest index), its value the
+    class's probability, and zeroing a class means zeroing its queries.
+    """
+    query_class = pp.query_class.to(logits.device)
+    if len(query_class) > 1 and bool((query_class[1:] < query_class[:-1]).any()):
+        raise ValueError("text queries must be ordered by class")
+    probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
+    if pp.area_thd is not None:
+        pred = query_class[probs.argmax(0)]
+        areas = torch.bincount(pred.flatten(), minlength=pp.num_classes)
+        small = areas <= pp.area_thd * areas[1:].sum()
+        small[0] = False
+        probs = probs.masked_fill(small[query_class].view(-1, 1, 1), 0.0)
+    # torch.max returns the first maximal index on ties.
+    conf, best = probs.max(0)
+    pred = query_class[best]
+    if pp.prob_thd > 0:
+        pred = pred.masked_fill(conf < pp.prob_thd, 0)
+    return pred
+
+
+# ------------------------------------------------------------------------------- PAMR
+
+
+def _neighbours(x: torch.Tensor, dilation: int) -> list[torch.Tensor]:
+    """The 8 dilated 3×3 neighbours of every pixel of ``(B, K, H, W)``, replicate-padded."""
+    H, W = x.shape[-2:]
+    d = dilation
+    padded = F.pad(x, (d, d, d, d), mode="replicate")
+    return [padded[..., d + dy * d: d + dy * d + H, d + dx * d: d + dx * d + W]
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def pamr_affinity(guide: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
+    """PAMR's pixel-adaptive affinities of a ``(B, 3, H, W)`` guide image.
+
+    Returns one ``(B, 1, H, W)`` weight per neighbour position (8 per dilation), a softmax
+    over positions of the channel-mean of −|x − x_p| / (1e-8 + 0.1·σ), with σ the unbiased
+    std over all stencil samples of all dilations, centre included once per dilation.
+    """
+    neigh = [n for d in dilations for n in _neighbours(guide, d)]
+    samples = torch.stack(neigh + [guide] * len(dilations), dim=2)  # (B, 3, P + D, H, W)
+    sigma = samples.std(dim=2, unbiased=True)
+    logits = torch.stack([-(guide - n).abs() / (1e-8 + 0.1 * sigma) for n in neigh], dim=2)
+    weights = logits.mean(1).softmax(1)  # (B, P, H, W)
+    return list(weights.unsqueeze(2).unbind(1))
+
+
+def pamr(guide: torch.Tensor, logits: torch.Tensor, steps: int = 10,
+         dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+    """Pixel-adaptive mask refinement (PROTOCOL §7).
+
+    Args:
+        guide: ``(3, H, W)`` normalised image at the logits' size.
+        logits: ``(Q, H, W)`` stitched logits.
+
+    Returns:
+        ``(Q, H, W)``: ``steps`` times m ← Σ_p a_p · m_p (centre excluded).
+    """
+    weights = pamr_affinity(guide[None].float(), dilations)
+    m = logits[None].float()
+    for _ in range(steps):
+        neigh = [n for d in dilations for n in _neighbours(m, d)]
+        m = sum(w * n for w, n in zip(weights, neigh))
+    return m[0]

@@ -1,0 +1,296 @@
+"""See what the model sees: last-block attention maps and segmentation panels.
+
+``python -m sclip_lab.visualize image=PATH points="[[x, y], ...]" attentions="[vanilla, csa]"``
+draws, for every source point, the last block's attention row of its patch token (mean over
+heads) as a heat map over the resized image, one row per attention variant (the paper's
+Fig. 2 and 4: vanilla CLIP's maps look alike for every point, CSA's follow the point).
+``mode=segment`` draws the image and one class-coloured prediction per variant with a legend
+(Fig. 1). Both write ``<name>.png`` and ``<name>.pdf`` into ``output`` (default: the Hydra run
+dir). Every entry of ``attentions`` is an attention name plus optional knobs, as the run's
+``variants`` take them: ``'sharpen temperature=2'``, ``'csa projection=random n=4'``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+import open_clip
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch import Tensor
+
+from sclip_lab import data, segment, viz
+from sclip_lab.config import CONF_DIR
+from sclip_lab.model import DenseEncoder, LastBlock, load_clip
+from sclip_lab.pipeline import ConfigError, build_head, build_last_block
+from sclip_lab.predict import vocabulary
+from sclip_lab.run import USER_ERRORS, learned_of, segmenter_from_config, variant_configs
+
+log = logging.getLogger("sclip_lab")
+
+HEAT_ALPHA = 0.5  # heat map opacity over the photo
+
+
+# ------------------------------------------------------------------ attention entries
+
+
+def attention_entries(cfg: DictConfig, compose=None) -> list[tuple[str, DictConfig]]:
+    """``cfg.attentions`` -> ``[(entry, composed config)]``, through the same variant
+    mechanism as ``run``'s ``variants`` (at least one entry; each listed once)."""
+    entries = cfg.attentions
+    if isinstance(entries, str):
+        entries = [entries]
+    labels = [str(e) for e in entries or []]
+    if not labels:
+        raise ConfigError("attentions=[] is empty; give e.g. attentions=\"[vanilla, csa]\"")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"attentions={labels} repeats an entry; list each variant once")
+    return variant_configs(cfg, labels, compose)
+
+
+# ------------------------------------------------------------------- attention maps
+
+
+def parse_points(points: Any) -> list[tuple[float, float]]:
+    """``[[x, y], ...]`` (original-image pixels) -> a list of ``(x, y)`` floats."""
+    out = []
+    for p in points or []:
+        try:
+            x, y = (float(v) for v in p)
+        except (TypeError, ValueError):
+            raise ConfigError(f"points: {p} is not an [x, y] pair; write "
+                              "points=\"[[120, 80], [300, 200]]\"") from None
+        out.append((x, y))
+    if not out:
+        raise ConfigError("mode=attention needs source points: "
+                          "points=\"[[x, y], ...]\" in original-image pixels")
+    return out
+
+
+def resized_point(point: tuple[float, float], size: tuple[int, int],
+                  resized: tuple[int, int]) -> tuple[float, float]:
+    """Centre of original pixel ``(x, y)`` in the resized image's continuous coordinates.
+
+    Args:
+        point: ``(x, y)`` in original pixels, ``0 ≤ x < W``, ``0 ≤ y < H``.
+        size: original ``(H, W)``.
+        resized: resized ``(h, w)``.
+    """
+    x, y = point
+    H, W = size
+    if not (0 <= x < W and 0 <= y < H):
+        raise ConfigError(f"point ({x:g}, {y:g}) lies outside the {W}×{H} image; points are "
+                          "(x, y) in original-image pixels, 0 ≤ x < width, 0 ≤ y < height")
+    # Pixel i covers [i, i + 1); its centre i + 0.5 scales like any continuous coordinate.
+    return (x + 0.5) * resized[1] / W, (y + 0.5) * resized[0] / H
+
+
+def point_token(point: tuple[float, float], size: tuple[int, int], resized: tuple[int, int],
+                grid: tuple[int, int], patch: int) -> int:
+    """Token index (CLS = 0, then the grid row-major) of the patch holding ``point``.
+
+    Args:
+        point: ``(x, y)`` in original pixels.
+        size: original ``(H, W)``; resized: resized ``(h, w)``.
+        grid: ``(gh, gw)`` patch grid of the resized image; patch: patch size in pixels.
+    """
+    xr, yr = resized_point(point, size, resized)
+    # The patch conv drops the last (h mod patch) rows / columns: a point there belongs to the
+    # nearest patch, the last one.
+    row = min(int(yr // patch), grid[0] - 1)
+    col = min(int(xr // patch), grid[1] - 1)
+    return 1 + row * grid[1] + col
+
+
+def point_maps(attn: Tensor, tokens: Sequence[int], grid: tuple[int, int]) -> np.ndarray:
+    """Rows of ``tokens`` over the patch grid.
+
+    Args:
+        attn: ``(1, heads, N, N)`` attention of one image.
+        tokens: P query token indices (≥ 1, patch tokens).
+        grid: ``(gh, gw)`` with ``N = 1 + gh·gw``.
+
+    Returns:
+        ``(P, gh, gw)`` float32: mean over heads of each row, CLS column dropped.
+    """
+    rows = attn[0].float().mean(0)[list(tokens)]  # (P, N)
+    return rows[:, 1:].reshape(len(tokens), *grid).cpu().numpy()
+
+
+def load_encoder(model: Mapping[str, Any], device: str, precision: str
+                 ) -> tuple[DenseEncoder, dict]:
+    """``DenseEncoder`` of ``cfg.model`` (registering ``model.config_file`` first)."""
+    if model.get("config_file"):
+        path = Path(model["config_file"]).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.config_file={path} does not exist")
+        open_clip.add_model_config(path)
+    clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
+                           model.get("quick_gelu"))
+    return DenseEncoder(clip.visual), info
+
+
+@torch.no_grad()
+def attention_maps(encoder: DenseEncoder, resized: Tensor, tokens: Sequence[int],
+                   lasts: Mapping[str, LastBlock]) -> dict[str, np.ndarray]:
+    """One whole-image trunk pass, then every variant's point rows.
+
+    Args:
+        resized: ``(3, h, w)`` normalised image (positional embeddings are interpolated to
+            its grid).
+        tokens: P patch token indices.
+        lasts: label -> built last block.
+
+    Returns:
+        label -> ``(P, gh, gw)`` attention maps (mean over heads).
+    """
+    device = encoder.visual.conv1.weight.device
+    borrowed = {i for last in lasts.values() for i in last.early_layers if i < encoder.depth}
+    trunk = encoder.trunk(resized[None].to(device), sorted(borrowed))
+    return {label: point_maps(encoder.last_attention(trunk, last), tokens, trunk.grid)
+            for label, last in lasts.items()}
+
+
+def attention_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
+                     points: Sequence[tuple[float, float]], titles: Sequence[str], patch: int,
+                     path_stem: Path) -> list[Path]:
+    """Heat maps over the resized image: a row per variant, a column per point.
+
+    Each panel's colours span its own min…max (maps of different variants differ in scale
+    by orders of magnitude; the figure compares where, not how much).
+
+    Args:
+        image: ``(h, w, 3)`` uint8 resized image.
+        maps: label -> ``(P, gh, gw)`` attention maps.
+        points: P ``(x, y)`` marker positions in resized-image coordinates.
+        titles: P column titles.
+        patch: patch size; the grid covers ``(gh·patch, gw·patch)`` from the top-left.
+        path_stem: output path without suffix; ``.png`` and ``.pdf`` are written.
+    """
+    from matplotlib.figure import Figure
+
+    h, w = image.shape[:2]
+    rows, cols = len(maps), len(points)
+    panel = 3.2
+    fig = Figure(figsize=(panel * cols + 0.6, panel * h / w * rows + 0.5), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r, (label, stack) in enumerate(maps.items()):
+        gh, gw = stack.shape[1:]
+        for c, (x, y) in enumerate(points):
+            ax = axes[r, c]
+            m = stack[c]
+            m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+            heat = cv2.resize(m.astype(np.float32), (gw * patch, gh * patch),
+                              interpolation=cv2.INTER_LINEAR)
+            ax.imshow(image, extent=(0, w, h, 0))
+            ax.imshow(heat, cmap="jet", alpha=HEAT_ALPHA, vmin=0, vmax=1,
+                      extent=(0, gw * patch, gh * patch, 0))
+            ax.plot([x], [y], marker="o", markersize=11, markerfacecolor="white",
+                    markeredgecolor="black", markeredgewidth=2.5)
+            ax.plot([x], [y], marker="+", markersize=7, color="black", markeredgewidth=1.5)
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=11)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=12, fontweight="bold")
+    return viz.save_figure(fig, path_stem)
+
+
+# ------------------------------------------------------------------------------ modes
+
+
+def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
+    """Fig. 2/4: attention maps of ``cfg.points`` under every ``cfg.attentions`` entry."""
+    points = parse_points(cfg.points)
+    entries = attention_entries(cfg, compose)
+    if int(cfg.size) < 1:
+        raise ConfigError(f"size={cfg.size} must be ≥ 1 (the resized short side in pixels)")
+    image = data.read_image(Path(cfg.image))
+    small = segment.resize_image(image, int(cfg.size))
+    size, resized = image.shape[:2], small.shape[:2]
+    # Check the points before the (slow) model load.
+    marks = [resized_point(p, size, resized) for p in points]
+    encoder, info = load_encoder(cfg.model, cfg.device, cfg.precision)
+    lasts = {label: build_last_block(v.attention, v.get("projection"), encoder, learned_of(v))
+             for label, v in entries}
+    grid = (resized[0] // encoder.patch, resized[1] // encoder.patch)
+    if min(grid) < 1:
+        raise ConfigError(f"size={cfg.size} gives no {encoder.patch}-pixel patch; raise size")
+    tokens = [point_token(p, size, resized, grid, encoder.patch) for p in points]
+    maps = attention_maps(encoder, segment.normalize(small), tokens, lasts)
+    titles = [f"point ({x:g}, {y:g})" for x, y in points]
+    paths = attention_figure(small, maps, marks, titles, encoder.patch, output / "attention")
+    log.info("%s: %d×%d patch grid, %s %s", cfg.image, *grid, info["arch"], info["precision"])
+    return paths
+
+
+def display_names(classes: Sequence[str], has_background: bool) -> list[str]:
+    """Legend names: each class line's first synonym; class 0 ``background`` when it is one.
+
+    A background class is a bag of stuff synonyms (VOC's line 0 starts with ``sky``), so its
+    first synonym would mislabel it. Only benchmarks with a background class set a
+    probability threshold (PROTOCOL §5.12), which is how the caller can tell.
+    """
+    names = [c.split(", ")[0].strip() for c in classes]
+    if has_background and names:
+        names[0] = "background"
+    return names
+
+
+def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
+    """Fig. 1: the image and one prediction per ``cfg.attentions`` entry, with a legend."""
+    entries = attention_entries(cfg, compose)
+    image = data.read_image(Path(cfg.image))
+    classes, scale, prob_thd, area_thd = vocabulary(cfg)
+    segmenter, info = segmenter_from_config(entries[0][1], classes, scale, prob_thd, area_thd)
+    for _, v in entries[1:]:
+        segmenter.heads.append(build_head(v.attention, v.get("projection"), v.get("postprocess"),
+                                          segmenter.encoder, learned_of(v)))
+    resized = segment.preprocess(image, segmenter.prep.short_side)
+    per_head = segmenter.logits_many([resized], [image.shape[:2]])
+    preds = {label: segment.predict_classes(logits[0], segmenter.post).cpu().numpy()
+             for (label, _), logits in zip(entries, per_head)}
+    names = display_names(classes, has_background=prob_thd > 0)
+    log.info("%s: %d classes, %s %s", cfg.image, len(classes), info["arch"], info["precision"])
+    return viz.segmentation_figure(image, preds, names, output / "segmentation")
+
+
+MODES = {"attention": attention_mode, "segment": segment_mode}
+
+
+def visualize(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
+    """Run ``cfg.mode`` and write its figures into ``output``; return their paths.
+
+    ``compose(overrides) -> config`` builds each attention entry's config (default: Hydra's
+    compose on top of this job's overrides, as ``run``'s variants)."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode={cfg.mode!r}; choose one of {list(MODES)}")
+    paths = MODES[cfg.mode](cfg, Path(output), compose)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="visualize", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
+    try:
+        visualize(cfg, output)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Colours for class maps: the VOC bit-pattern palette, palette PNGs, overlays and figures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def palette(num_colors: int = 256) -> np.ndarray:
+    """``(num_colors, 3)`` uint8: PASCAL VOC's palette (index 0 black, 255 almost white)."""
+    out = np.zeros((num_colors, 3), dtype=np.uint8)
+    for i in range(num_colors):
+        c, r, g, b = i, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        out[i] = (r, g, b)
+    return out
+
+
+def save_palette_png(pred: np.ndarray, path: str | Path) -> None:
+    """Write an ``(H, W)`` class map (values < 256) as a palette PNG (indices preserved)."""
+    if pred.max(initial=0) > 255:
+        raise ValueError("a palette PNG holds at most 256 classes")
+    img = Image.fromarray(pred.astype(np.uint8), mode="P")
+    img.putpalette(palette().flatten().tolist())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def colorize(pred: np.ndarray) -> np.ndarray:
+    """``(H, W)`` class map -> ``(H, W, 3)`` uint8 colours (classes ≥ 256 wrap)."""
+    return palette()[pred.astype(np.int64) % 256]
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an ``(H, W, 3)`` uint8 RGB image with the colours of an ``(H, W)`` class map."""
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * colorize(pred).astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)
+
+
+def present_classes(preds: Iterable[np.ndarray]) -> list[int]:
+    """Sorted class indices that occur in any of the ``(H, W)`` class maps."""
+    found: set[int] = set()
+    for pred in preds:
+        found.update(int(c) for c in np.unique(pred))
+    return sorted(found)
+
+
+def segmentation_figure(image: np.ndarray, preds: dict[str, np.ndarray], class_names: list[str],
+                        path_stem: Path, alpha: float = 0.6) -> list[Path]:
+    """The image, then one class-coloured overlay per prediction, with a class legend.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        preds: panel title -> ``(H, W)`` class map (same size as ``image``).
+        class_names: name of each class index (indices beyond it are shown as ``class k``).
+        path_stem: output path without suffix; ``<stem>.png`` and ``<stem>.pdf`` are written
+            (a stem may contain dots, e.g. an image id).
+        alpha: weight of the class colours over the photo.
+
+    Returns:
+        The written paths (PNG, PDF). The legend lists only the classes present in
+        ``preds``, each with its palette colour.
+    """
+    # The object-oriented API draws off-screen without touching pyplot's global backend.
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    panels = [("image", image)] + [(title, overlay(image, pred, alpha))
+                                   for title, pred in preds.items()]
+    H, W = image.shape[:2]
+    width = 4.0  # inches per panel
+    present = present_classes(preds.values())
+    ncol = max(1, min(len(present), int(width * len(panels) / 1.6)))
+    legend_rows = -(-len(present) // ncol)
+    fig = Figure(figsize=(width * len(panels), width * H / W + 0.5 + 0.3 * legend_rows),
+                 layout="constrained")
+    for ax, (title, img) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=12)
+        ax.set_axis_off()
+    colors = palette()
+    handles = [Patch(facecolor=colors[c % 256] / 255, edgecolor="black",
+                     label=class_names[c] if 0 <= c < len(class_names) else f"class {c}")
+               for c in present]
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
+               fontsize=11, handlelength=1.4)
+    return save_figure(fig, path_stem)
+
+
+def save_figure(fig, path_stem: str | Path, dpi: int = 150) -> list[Path]:
+    """Write a matplotlib figure as ``<stem>.png`` and ``<stem>.pdf``; return both paths.
+
+    The suffixes are appended, not substituted, so a stem may contain dots (image ids).
+    """
+    path_stem = Path(path_stem)
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [path_stem.parent / f"{path_stem.name}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=dpi)
+    return paths

@@ -1,0 +1,110 @@
+"""Shared fixtures: offline environment, a tiny open_clip ViT, OpenAI-format checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "sclip-tiny-vit"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 224, "layers": 4, "width": 128, "patch_size": 16,
+                   "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2,
+                 "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config_file(tmp_path_factory) -> Path:
+    """An open_clip model-config JSON for a 4-block, 2-head ViT (registered on creation)."""
+    path = tmp_path_factory.mktemp("configs") / f"{TINY}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return path
+
+
+def openai_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict as OpenAI's clip package stores it (weights + its metadata buffers)."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["input_resolution"] = torch.tensor(224)
+    sd["context_length"] = torch.tensor(77)
+    sd["vocab_size"] = torch.tensor(49408)
+    return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config_file, tmp_path_factory) -> Path:
+    """An OpenAI-format state-dict file of the tiny ViT with seeded random weights."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-openai.pt"
+    torch.save(openai_state_dict(model), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vitb16_checkpoint(tmp_path_factory) -> Path:
+    """A full-size ViT-B/16 OpenAI-format state-dict file (random weights)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-quickgelu")
+    path = tmp_path_factory.mktemp("ckpt") / "ViT-B-16.pt"
+    torch.save(openai_state_dict(model), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from sclip_lab.model import load_clip
+
+    model, _ = load_clip(TINY, str(tiny_checkpoint), "fp32", "cpu")
+    return model
+
+
+def cli(module: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m sclip_lab.<module> overrides...`` offline from the repository root."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, "-m", f"sclip_lab.{module}", *overrides],
+                          cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def tiny(tiny_config_file, tiny_checkpoint, tmp_path):
+    """CLI overrides for the tiny model, a private cache and no DataLoader workers."""
+    return [f"model.arch={TINY}", f"model.config_file={tiny_config_file}",
+            f"model.pretrained={tiny_checkpoint}", f"cache_dir={tmp_path / 'cache'}",
+            "num_workers=0"]
+
+
+def evaluate_in_process(overrides: list[str], run_dir: Path, config_name: str = "run"):
+    """Compose like the CLI and evaluate in this process -> the records (fast path for tests)."""
+    from hydra import compose, initialize_config_dir
+
+    from sclip_lab.config import CONF_DIR
+    from sclip_lab.run import evaluate, plan_jobs
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+        jobs = plan_jobs(cfg, run_dir, lambda extra: compose(config_name, overrides + extra))
+        return evaluate(jobs)
+
+
+@pytest.fixture()
+def tiny_inproc(tiny):
+    """``tiny`` overrides for in-process runs (no W&B, no workers)."""
+    return [*tiny, "logger=none"]

@@ -1,0 +1,148 @@
+"""Model room: loading every checkpoint format, the dense forward, pos-embed interpolation."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, openai_state_dict
+
+from sclip_lab.model import DenseEncoder, ModelError, interpolate_pos_embed, load_clip
+from sclip_lab.pipeline import build_last_block
+
+
+def _quickgelu(model) -> bool:
+    act = model.visual.transformer.resblocks[0].mlp.gelu
+    return isinstance(act, open_clip.transformer.QuickGELU)
+
+
+def test_vanilla_pooled_equals_open_clip_encode_image(tiny_model):
+    enc = DenseEncoder(tiny_model.visual)
+    images = torch.randn(3, 3, 224, 224)
+    with torch.no_grad():
+        ours = enc.pooled(images, build_last_block({"name": "vanilla"}, None, enc))
+        ref = tiny_model.encode_image(images)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_vitb16_openai_file_loads_with_quickgelu_and_matches_encode_image(vitb16_checkpoint):
+    # A plain "ViT-B-16" request with OpenAI weights must still build QuickGELU.
+    model, info = load_clip("ViT-B-16", str(vitb16_checkpoint), "fp32", "cpu")
+    assert info["openai_format"] and info["quick_gelu"] and info["arch"] == "ViT-B-16-quickgelu"
+    assert _quickgelu(model)
+    sd = torch.load(vitb16_checkpoint, weights_only=True)
+    torch.testing.assert_close(model.visual.proj, sd["visual.proj"])
+    enc = DenseEncoder(model.visual)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ours = enc.pooled(images, build_last_block({"name": "vanilla"}, None, enc))
+        ref = model.encode_image(images)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    feats = enc(torch.randn(1, 3, 224, 336), build_last_block({"name": "csa"}, None, enc))
+    assert feats.shape == (1, 14 * 21, 512)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(1, 14 * 21))
+
+
+def test_open_clip_format_keeps_the_architecture_activation(tiny_config_file, tmp_path):
+    torch.manual_seed(1)
+    src = open_clip.create_model(TINY)
+    path = tmp_path / "openclip.pt"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                          src.state_dict().items()}}, path)
+    model, info = load_clip(TINY, str(path), "fp32", "cpu")
+    assert not info["openai_format"]
+    torch.testing.assert_close(model.visual.proj, src.visual.proj)
+
+
+def test_safetensors_checkpoint(tiny_config_file, tmp_path):
+    from safetensors.torch import save_file
+
+    src = open_clip.create_model(TINY)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    model, _ = load_clip(TINY, str(path), "fp32", "cpu")
+    torch.testing.assert_close(model.visual.conv1.weight, src.visual.conv1.weight)
+
+
+def test_torchscript_archive_is_openai_format(tiny_config_file, tmp_path):
+    torch.manual_seed(2)
+    src = open_clip.create_model(TINY).eval()
+    # A TorchScript archive whose state dict has OpenAI's key layout and metadata buffers.
+    holder = torch.nn.Module()
+    for name, tensor in openai_state_dict(src).items():
+        parent = holder
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_buffer(leaf, tensor)
+    archive = tmp_path / "ViT-tiny.pt"
+    torch.jit.save(torch.jit.script(holder), archive)
+    model, info = load_clip(TINY, str(archive), "fp32", "cpu")
+    assert info["openai_format"] and _quickgelu(model)
+    torch.testing.assert_close(model.visual.proj, src.visual.proj)
+
+
+def test_non_clip_checkpoint_is_refused(tmp_path, tiny_config_file):
+    path = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(3)}, path)
+    with pytest.raises(ModelError, match="not a CLIP ViT checkpoint"):
+        load_clip(TINY, str(path), "fp32", "cpu")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelError, match="not a readable checkpoint"):
+        load_clip(TINY, str(junk), "fp32", "cpu")
+    with pytest.raises(ModelError, match="does not exist"):
+        load_clip(TINY, str(tmp_path / "missing.pt"), "fp32", "cpu")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_checkpoint):
+    with pytest.raises(ModelError, match="does not fit model.arch"):
+        load_clip("ViT-B-32-quickgelu", str(tiny_checkpoint), "fp32", "cpu")
+
+
+def test_unknown_arch_and_offline_hub_tag(tiny_config_file, monkeypatch):
+    with pytest.raises(ModelError, match="unknown model.arch"):
+        load_clip("ViT-Q-99", "none")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="local file"):
+        load_clip(TINY, "openai", "fp32", "cpu")
+
+
+def test_precision_choices(tiny_checkpoint):
+    model, info = load_clip(TINY, str(tiny_checkpoint), "bf16", "cpu")
+    assert info["precision"] == "bf16" and model.visual.conv1.weight.dtype == torch.bfloat16
+    with pytest.raises(ModelError, match="precision"):
+        load_clip(TINY, str(tiny_checkpoint), "fp8", "cpu")
+    _, auto = load_clip(TINY, str(tiny_checkpoint), "auto", "cpu")
+    assert auto["precision"] == "fp32"
+
+
+def _reference_pos_embed(pos, h, w):
+    """Independent transcription of PROTOCOL §1's interpolation rule."""
+    g = int(math.sqrt(pos.shape[0] - 1))
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic",
+                        align_corners=False)
+    return torch.cat([pos[:1], out.permute(0, 2, 3, 1).reshape(h * w, -1)])
+
+
+@pytest.mark.parametrize("grid", [(21, 28), (14, 21), (9, 14), (28, 28)])
+def test_pos_embed_interpolation(grid):
+    pos = torch.randn(1 + 14 * 14, 32)
+    out = interpolate_pos_embed(pos, grid)
+    torch.testing.assert_close(out, _reference_pos_embed(pos, *grid))
+    assert out.shape == (1 + grid[0] * grid[1], 32)
+    assert interpolate_pos_embed(pos, (14, 14)) is pos
+
+
+def test_dense_features_for_non_square_windows(tiny_model):
+    enc = DenseEncoder(tiny_model.visual)
+    last = build_last_block({"name": "csa"}, None, enc)
+    feats = enc(torch.randn(2, 3, 160, 224), last)
+    assert feats.shape == (2, 10 * 14, 32)

@@ -1,0 +1,180 @@
+"""Resize rule, sliding windows + stitching, post-processing and PAMR (PROTOCOL §5, §7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sclip_lab import segment
+
+
+@pytest.mark.parametrize("hw,short,expect", [
+    ((375, 500), 336, (336, 448)),     # VOC landscape: scale 336/375
+    ((500, 333), 336, (505, 336)),     # portrait, rounded half up (504.50 -> 505)
+    ((100, 150), 336, (336, 504)),     # small images are upscaled
+    ((1024, 2048), 560, (560, 1120)),  # Cityscapes
+    ((300, 3000), 336, (205, 2048)),   # long side capped at 2048
+])
+def test_mmcv_resize_rule(hw, short, expect):
+    assert segment.resized_shape(*hw, short) == expect
+    img = np.zeros((*hw, 3), np.uint8)
+    assert segment.resize_image(img, short).shape[:2] == expect
+
+
+def reference_windows(h, w, crop, stride):
+    """Direct transcription of mmseg's slide_inference loop."""
+    h_grids = max(h - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w - crop + stride - 1, 0) // stride + 1
+    out = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * stride, w_idx * stride
+            y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            out.append((y1, y2, x1, x2))
+    return out
+
+
+@pytest.mark.parametrize("h,w,crop,stride", [(336, 448, 224, 112), (336, 504, 224, 112),
+                                              (200, 300, 224, 112), (448, 597, 448, 224),
+                                              (224, 224, 224, 112)])
+def test_window_boxes(h, w, crop, stride):
+    boxes = segment.window_boxes(h, w, crop, stride)
+    assert boxes == reference_windows(h, w, crop, stride)
+    assert all(y2 <= h and x2 <= w and y1 >= 0 and x1 >= 0 for y1, y2, x1, x2 in boxes)
+
+
+@pytest.mark.parametrize("h,w,crop,stride", [(250, 330, 224, 112), (336, 448, 224, 112),
+                                              (200, 300, 224, 112), (448, 597, 448, 224)])
+def test_stitch_windows_is_upsample_pad_and_average(h, w, crop, stride):
+    torch.manual_seed(0)
+    boxes = reference_windows(h, w, crop, stride)
+    windows = {box: torch.randn(4, (box[1] - box[0]) // 16, (box[3] - box[2]) // 16)
+               for box in boxes}
+    acc = torch.zeros(4, h, w)
+    cnt = torch.zeros(1, h, w)
+    for (y1, y2, x1, x2), low in windows.items():
+        up = F.interpolate(low[None], size=(y2 - y1, x2 - x1), mode="bilinear",
+                           align_corners=False)[0]
+        acc += F.pad(up, (x1, w - x2, y1, h - y2))
+        cnt[:, y1:y2, x1:x2] += 1
+    torch.testing.assert_close(segment.stitch_windows(windows, h, w), acc / cnt, rtol=1e-5,
+                               atol=1e-5)
+    for size in [(h + 39, w + 52), (h - 17, w - 3)]:  # the final resize, up or down
+        ref = F.interpolate((acc / cnt)[None], size=size, mode="bilinear",
+                            align_corners=False)[0]
+        torch.testing.assert_close(segment.stitch_windows(windows, h, w, size), ref,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_normalize_constants():
+    img = np.full((2, 2, 3), (122, 117, 104), np.uint8)
+    x = segment.normalize(img)
+    expect = (torch.tensor([122, 117, 104.0]) - torch.tensor(segment.PIXEL_MEAN)) / torch.tensor(
+        segment.PIXEL_STD)
+    torch.testing.assert_close(x[:, 0, 0], expect)
+
+
+def pp(query_class, C, scale=1.0, prob=0.0, area=None):
+    return segment.PostProcess(torch.tensor(query_class), C, scale, prob, area)
+
+
+def test_synonym_max_over_softmax_of_all_queries():
+    logits = torch.randn(5, 3, 4)
+    owner = [0, 0, 1, 2, 2]
+    probs = segment.class_probabilities(logits, pp(owner, 3, scale=40))
+    soft = torch.softmax(logits * 40, 0)
+    expect = torch.stack([soft[0:2].amax(0), soft[2], soft[3:5].amax(0)])
+    torch.testing.assert_close(probs, expect)
+
+
+def reference_predict(logits, pp_):
+    """PROTOCOL §5.9–12 written out on class probabilities."""
+    probs = segment.class_probabilities(logits, pp_)
+    if pp_.area_thd is not None:
+        pred = probs.argmax(0)
+        areas = torch.bincount(pred.flatten(), minlength=pp_.num_classes)
+        for c in range(1, pp_.num_classes):
+            if areas[c] <= pp_.area_thd * areas[1:].sum():
+                probs[c] = 0
+    conf, pred = probs.max(0)
+    if pp_.prob_thd > 0:
+        pred[conf < pp_.prob_thd] = 0
+    return pred
+
+
+@pytest.mark.parametrize("prob,area", [(0.0, None), (0.1, 0.1), (0.3, 0.2), (0.0, 0.05)])
+def test_predict_classes_matches_class_level_definition(prob, area):
+    torch.manual_seed(1)
+    owner = [0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5]
+    logits = torch.randn(len(owner), 40, 50) * 0.05
+    logits[4, :10] += 0.2   # a small region of class 2
+    logits[:, :5, :5] = 0.3  # exact ties everywhere in a corner
+    p = pp(owner, 6, scale=40, prob=prob, area=area)
+    assert torch.equal(segment.predict_classes(logits, p), reference_predict(logits, p))
+
+
+def test_ties_go_to_lowest_index():
+    logits = torch.zeros(3, 2, 2)
+    assert segment.predict_classes(logits, pp([0, 1, 2], 3)).eq(0).all()
+    logits[1:] = 1.0
+    assert segment.predict_classes(logits, pp([0, 1, 2], 3)).eq(1).all()
+
+
+def test_prob_thd_sets_background():
+    logits = torch.tensor([[[0.0, 0.0]], [[0.0, 5.0]], [[0.0, 0.0]]])
+    pred = segment.predict_classes(logits, pp([0, 1, 2], 3, prob=0.5))
+    # pixel 0: uniform (max 1/3 < 0.5) -> 0 ; pixel 1: confident class 1
+    assert pred.tolist() == [[0, 1]]
+
+
+def test_area_thd_drops_small_classes():
+    H, W = 10, 10
+    logits = torch.zeros(3, H, W)
+    logits[1, :, :9] = 5.0   # class 1: 90 pixels
+    logits[2, :, 9] = 5.0    # class 2: 10 pixels = 10% of foreground
+    logits[1, :, 9] = 4.0    # runner-up on class 2's pixels
+    pred = segment.predict_classes(logits, pp([0, 1, 2], 3, area=0.1))
+    # 10 <= 0.1 * 100 -> class 2 zeroed; its pixels go to the next best class (1)
+    assert (pred == 1).all()
+    pred = segment.predict_classes(logits, pp([0, 1, 2], 3, area=0.05))
+    assert (pred[:, 9] == 2).all()
+
+
+def reference_pamr(img, mask, steps, dilations):
+    """Transcription of PAMR with explicit 3×3 dilated kernels via conv2d (PROTOCOL §7)."""
+    def shifts(x, d, with_centre):
+        K = x.shape[1]
+        ws = []
+        for i in range(3):
+            for j in range(3):
+                if (i, j) == (1, 1) and not with_centre:
+                    continue
+                w = torch.zeros(1, 1, 3, 3)
+                w[0, 0, i, j] = 1
+                ws.append(w)
+        weight = torch.cat(ws)  # (P, 1, 3, 3)
+        xs = F.pad(x.reshape(-1, 1, *x.shape[-2:]), [d] * 4, mode="replicate")
+        out = F.conv2d(xs, weight, dilation=d)
+        return out.view(x.shape[0], K, -1, *x.shape[-2:])
+
+    std = torch.cat([shifts(img, d, True) for d in dilations], 2).std(2, keepdim=True)
+    diff = torch.cat([(img.unsqueeze(2) - shifts(img, d, False)).abs() for d in dilations], 2)
+    aff = (-diff / (1e-8 + 0.1 * std)).mean(1, keepdim=True).softmax(2)
+    for _ in range(steps):
+        mask = (torch.cat([shifts(mask, d, False) for d in dilations], 2) * aff).sum(2)
+    return mask
+
+
+def test_pamr_matches_transcription():
+    torch.manual_seed(0)
+    img = torch.randn(3, 23, 31)
+    logits = torch.randn(4, 23, 31)
+    ours = segment.pamr(img, logits, steps=3, dilations=(1, 2))
+    ref = reference_pamr(img[None], logits[None], 3, (1, 2))[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # a constant map is a fixed point (weights sum to one)
+    const = torch.ones(2, 23, 31)
+    torch.testing.assert_close(segment.pamr(img, const, 5, (8, 16)), const)

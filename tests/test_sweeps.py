@@ -1,0 +1,127 @@
+"""Sweeps: definitions compose, the resume key, launchers, resume after a kill, tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import cli
+from hydra import compose, initialize_config_dir
+from synthetic import write_benchmark
+
+from sclip_lab.config import CONF_DIR, result_key
+
+TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
+
+
+@pytest.mark.parametrize("table,jobs,variants", [("table1", 8, 6), ("table2", 3, 20),
+                                                 ("table3", 3, 12), ("table4", 15, 0)])
+def test_sweep_definitions_compose(table, jobs, variants):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=[f"+sweep={table}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    n_jobs = 1
+    for values in params.values():
+        n_jobs *= len(str(values).split(","))
+    assert n_jobs == jobs
+    assert len(cfg.variants or []) == variants
+    assert cfg.sweep.table == table
+
+
+def test_every_variant_of_every_sweep_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for table in ("table1", "table2", "table3"):
+            cfg = compose("run", overrides=[f"+sweep={table}"])
+            for entry in cfg.variants:
+                vcfg = compose("run", overrides=entry.split())
+                assert vcfg.attention.name
+
+
+def test_result_key_ignores_speed_and_paths_but_not_science():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        base = compose("run", overrides=["attention=csa", "projection=random", "n=4"])
+        fast = compose("run", overrides=["attention=csa", "projection=random", "n=4",
+                                         "batch_size=2", "num_workers=0", "logger=none",
+                                         "data_root=/elsewhere", "cache_dir=/tmp/x"])
+        other = compose("run", overrides=["attention=csa", "projection=random", "n=16"])
+        knob = compose("run", overrides=["attention=vanilla", "n=16"])  # unused knob
+        vanilla = compose("run", overrides=["attention=vanilla"])
+    from omegaconf import OmegaConf
+
+    def key(c):
+        return result_key(OmegaConf.to_container(c, resolve=True))
+
+    assert key(base) == key(fast)
+    assert key(base) != key(other)
+    assert key(knob) == key(vanilla)
+
+
+def _records(root):
+    return {p.relative_to(root): json.loads(p.read_text()) for p in root.rglob("result.json")}
+
+
+def test_sweep_resumes_after_a_kill_and_tables_rebuild(tiny, tmp_path):
+    data = tmp_path / "data"
+    for name in TABLE_DATASETS[:2]:
+        write_benchmark(data, name, num_images=1, size=(64, 64))
+    sweeps = tmp_path / "sweeps"
+    args = ["-m", "+sweep=table3", *tiny, f"data_root={data}", "logger=none",
+            "hydra.sweeper.params.dataset='voc21,context59'",
+            "variants=['attention=sharpen temperature=8','attention=local window=3',"
+            "'attention=csa']"]
+    env = {"SCLIP_SWEEPS": str(sweeps)}
+    first = cli("run", *args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    recs = _records(sweeps)
+    assert len(recs) == 6
+    assert {r["sweep"]["table"] for r in recs.values()} == {"table3"}
+    # "kill": one job's variant never finished
+    lost = next(p for p in recs if "local" in str(p) and "context59" in str(p))
+    (sweeps / lost).unlink()
+    mtimes = {p: (sweeps / p).stat().st_mtime_ns for p in recs if p != lost}
+    again = cli("run", *args, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = _records(sweeps)
+    assert len(after) == 6
+    assert all((sweeps / p).stat().st_mtime_ns == t for p, t in mtimes.items())
+    assert after[lost]["metrics"] == recs[lost]["metrics"]
+    out1, out2 = tmp_path / "t1", tmp_path / "t2"
+    for out in (out1, out2):
+        proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
+                               "--out", str(out), "--tables", "3"], cwd=CONF_DIR.parent,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out1 / "table3.csv").read_text() == (out2 / "table3.csv").read_text()
+    assert (out1 / "table3.tex").is_file() and (out1 / "table3.png").is_file()
+    csv = (out1 / "table3.csv").read_text()
+    assert "–" in csv  # coco_stuff and most rows were not run
+
+
+def test_submitit_local_launcher_smoke(tiny, tmp_path):
+    data = tmp_path / "data"
+    write_benchmark(data, "voc21", num_images=1, size=(64, 64))
+    sweeps = tmp_path / "sweeps"
+    proc = cli("run", "-m", "+sweep=table4", "hydra/launcher=local", *tiny,
+               f"data_root={data}", "logger=none", "num_threads=1",
+               "hydra.sweeper.params.dataset=voc21",
+               "hydra.sweeper.params.preprocess='mode1,mode5'",
+               env={"SCLIP_SWEEPS": str(sweeps)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(sweeps)
+    assert sorted((r["summary"]["short_side"], r["summary"]["crop"]) for r in recs.values()) == [
+        (224, 224), (448, 448)]
+    assert list(sweeps.rglob(".submitit"))
+
+
+def test_failed_job_does_not_stop_the_sweep(tiny, tmp_path):
+    data = tmp_path / "data"
+    write_benchmark(data, "voc21", num_images=1, size=(64, 64))  # context59 missing
+    sweeps = tmp_path / "sweeps"
+    proc = cli("run", "-m", "+sweep=table3", *tiny, f"data_root={data}", "logger=none",
+               "hydra.sweeper.params.dataset='context59,voc21'", "variants=['attention=csa']",
+               env={"SCLIP_SWEEPS": str(sweeps)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_records(sweeps)) == 1
+    assert list(sweeps.rglob("failed.json"))

@@ -1,0 +1,331 @@
+"""analysis/make_tables.py: tables from synthetic result records (no network, no model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_make_tables():
+    """Import the script by path, as users run it (``python analysis/make_tables.py``)."""
+    spec = importlib.util.spec_from_file_location("make_tables",
+                                                  REPO / "analysis" / "make_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+mt = _load_make_tables()
+
+SHORT_SIDE = {"voc21": 336, "context59": 336, "coco_stuff": 448, "context60": 336,
+              "coco_object": 336, "voc20": 336, "cityscapes": 560, "ade20k": 336}
+BASE = {"model": "ViT-B-16-quickgelu", "pretrained": "openai", "attention": "csa",
+        "projection": "qk", "n": None, "trial": None, "combine": "sum", "temperature": 8.0,
+        "window": None, "layer": None, "postprocess": "none", "crop": 224, "stride": 112,
+        "precision": "fp16", "aAcc": 90.0, "mAcc": 70.0, "num_images": 1449, "limit": None}
+VANILLA = {"attention": "vanilla", "projection": None, "combine": None, "temperature": None}
+
+
+class Records:
+    """Writes ``result.json`` files with increasing mtimes (call order = age order)."""
+
+    def __init__(self, root: Path):
+        self.root, self.count = root, 0
+
+    def add(self, dataset: str, miou: float, *, status: str = "finished", subdir: str = "",
+            mtime: float | None = None, **fields) -> Path:
+        self.count += 1
+        summary = {**BASE, "dataset": dataset, "short_side": SHORT_SIDE[dataset],
+                   "mIoU": miou, **fields}
+        run = self.root / subdir / f"{self.count:03d}"
+        run.mkdir(parents=True)
+        path = run / "result.json"
+        path.write_text(json.dumps({"status": status, "key": f"{self.count:08x}",
+                                    "summary": summary, "sweep": {"table": None}}))
+        stamp = 1_700_000_000 + (self.count if mtime is None else mtime)
+        os.utime(path, (stamp, stamp))
+        return path
+
+
+def synthetic(root: Path) -> Records:
+    """The record set behind the exact-CSV tests (also the README example)."""
+    rec = Records(root)
+    rec.add("voc21", 50.0, subdir="old")                        # superseded re-run
+    rec.add("voc21", 59.63)                                     # newest qk wins
+    rec.add("voc21", 99.0, status="failed")                     # ignored
+    rec.add("context59", 34.46)
+    rec.add("coco_stuff", 22.77)
+    rec.add("voc21", 57.4, projection="identity", combine=None)
+    rec.add("voc21", 10.0, projection="random", n=1, trial=0, combine="mean")
+    rec.add("voc21", 57.0, projection="random", n=1, trial=0, combine="mean")  # re-run
+    for trial, value in enumerate([58.0, 58.2, 58.4]):
+        rec.add("voc21", value, projection="random", n=4, trial=trial, combine="mean")
+    for tau, value in [(8.0, 18.5), (2.0, 21.0), (0.0, 14.0)]:
+        rec.add("voc21", value, attention="sharpen", projection=None, combine=None,
+                temperature=tau)
+    rec.add("voc21", 43.0, attention="local", projection=None, combine=None, temperature=None,
+            window=3)
+    rec.add("context59", 26.0, attention="early", projection=None, combine=None,
+            temperature=None, layer=3)
+    rec.add("voc21", 19.0, **VANILLA)
+    rec.add("voc21", 44.0, attention="maskclip", projection=None, combine=None,
+            temperature=None)
+    rec.add("voc21", 60.0, postprocess="pamr")
+    rec.add("voc21", 56.6, short_side=224)
+    rec.add("voc21", 60.5, short_side=448)
+    rec.add("voc21", 12.0, model="ViT-B-32-quickgelu")          # another model: filtered
+    return rec
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """All four tables built once by the CLI from the synthetic records."""
+    root = tmp_path_factory.mktemp("multirun")
+    synthetic(root)
+    out = tmp_path_factory.mktemp("tables")
+    assert mt.main(["--root", str(root), "--out", str(out)]) == 0
+    return out
+
+
+def summaries(root: Path) -> list[dict]:
+    return mt.select_model(mt.load_local_records(root))[0]
+
+
+TABLE2_CSV = """\
+Mode,VOC21 ours,VOC21 paper,VOC21 Δ,Context59 ours,Context59 paper,Context59 Δ,\
+COCO-Stuff ours,COCO-Stuff paper,COCO-Stuff Δ
+Identity projection,57.40,57.50,-0.10,–,33.00,–,–,21.50,–
+W_q projection,–,58.20,–,–,33.50,–,–,21.70,–
+W_k projection,–,58.40,–,–,33.10,–,–,21.80,–
+Learned projection,–,60.40,–,–,34.70,–,–,22.60,–
+Random n=1,57.00 (1),57.10,-0.10,–,32.40,–,–,20.60,–
+Random n=4,58.20 ± 0.20 (3),58.00,+0.20,–,32.70,–,–,20.90,–
+Random n=16,–,58.10,–,–,32.70,–,–,21.20,–
+Default (qk),59.63,59.10,+0.53,34.46,34.20,+0.26,22.77,22.40,+0.37
+"""
+
+TABLE4_CSV = """\
+Mode,Img size,Window,Stride,FLOPs,FLOPs (paper),VOC21 ours,VOC21 paper,VOC21 Δ,\
+Context59 ours,Context59 paper,Context59 Δ,COCO-Stuff ours,COCO-Stuff paper,COCO-Stuff Δ
+#1,224,224,112,1.0×,1×,56.60,56.50,+0.10,–,32.00,–,–,20.50,–
+#2,336,224,112,3.0×,~4×,59.63,59.10,+0.53,34.46,34.20,+0.26,–,22.40,–
+#3,336,336,112,2.4×,~3×,–,58.60,–,–,34.10,–,–,21.90,–
+#4,448,224,112,7.5×,~9×,60.50,60.40,+0.10,–,35.30,–,22.77,23.40,-0.63
+#5,448,448,224,4.5×,~4×,–,58.90,–,–,34.30,–,–,22.10,–
+"""
+
+
+def test_table2_csv_exact(built):
+    # Newest qk re-run wins (59.63, not 50.0), the failed 99.0 is ignored, trials averaged.
+    assert (built / "table2.csv").read_text(encoding="utf-8") == TABLE2_CSV
+
+
+def test_table4_csv_exact_with_counted_flops(built):
+    # COCO-Stuff's default short side is 448, so its default run is mode #4, not #2.
+    assert (built / "table4.csv").read_text(encoding="utf-8") == TABLE4_CSV
+
+
+def test_table3_rows_match_their_knobs(built):
+    lines = (built / "table3.csv").read_text(encoding="utf-8").splitlines()
+    rows = {line.split(",")[0]: line.split(",")[1:] for line in lines[1:]}
+    assert rows["Sharpening τ=8 (CLIP default)"][:3] == ["18.50", "18.80", "-0.30"]
+    assert rows["Sharpening τ=0 (hard max)"][0] == "14.00"
+    assert rows["Sharpening τ=0.5"][0] == "–"
+    assert rows["Local window=3"][:3] == ["43.00", "42.90", "+0.10"]
+    assert rows["Early layer #3"][3:6] == ["26.00", "26.40", "-0.40"]
+    assert rows["SCLIP (ours)"][0] == "59.63"
+
+
+def test_table1_rows_and_average(tmp_path):
+    rec = Records(tmp_path)
+    values = dict(zip(mt.TABLE1_COLUMNS, [59.63, 31.74, 33.52, 81.54, 32.34, 34.46, 16.45,
+                                          22.77], strict=True))
+    for dataset, value in values.items():
+        rec.add(dataset, value)
+    rec.add("voc21", 19.0, **VANILLA)
+    table = mt.build_table(1, summaries(tmp_path))
+    frame = mt.csv_frame(table)
+    assert frame.loc["SCLIP", "Avg. ours"] == "39.06"  # the README's code average
+    assert frame.loc["SCLIP", "Avg. paper"] == "38.20"
+    assert frame.loc["SCLIP", "Avg. Δ"] == "+0.86"
+    assert frame.loc["CLIP", "VOC21 ours"] == "19.00"
+    assert frame.loc["CLIP", "Avg. ours"] == "–"  # one benchmark is not an average
+    assert list(frame.index) == ["CLIP", "MaskCLIP", "SCLIP", "CLIP*", "MaskCLIP*", "SCLIP*"]
+
+
+def test_latex_has_booktabs_and_bold_best(built):
+    tex = (built / "table2.tex").read_text(encoding="utf-8")
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{3}{c}{VOC21}"):
+        assert rule in tex
+    assert r"\textbf{59.6} & 59.1 & +0.5" in tex  # best of ours, one decimal
+    assert r"58.2 $\pm$ 0.2 (3)" in tex
+    assert r"\textbf{57.4}" not in tex and r"\textbf{59.1}" not in tex  # paper never bold
+    tex1 = (built / "table1.tex").read_text(encoding="utf-8")
+    assert r"mIoU (\%)" in tex1 and r"\textbf{60.0}" in tex1  # SCLIP* is VOC21's best
+    tex4 = (built / "table4.tex").read_text(encoding="utf-8")
+    assert r"\#4 & 448 & 224 & 112 & 7.5$\times$ & $\sim$9$\times$" in tex4
+
+
+def test_figures_written(built):
+    for n in (1, 2, 3, 4):
+        png, pdf = built / f"table{n}.png", built / f"table{n}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_empty_root_warns_and_writes_paper_only_tables(tmp_path, caplog, capsys):
+    root, out = tmp_path / "multirun", tmp_path / "tables"
+    root.mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert mt.main(["--root", str(root), "--out", str(out), "--tables", "2", "4"]) == 0
+    assert "no finished result records" in caplog.text
+    assert "24 of 24 cells have no record" in caplog.text
+    lines = (out / "table2.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[1] == "Identity projection,–,57.50,–,–,33.00,–,–,21.50,–"
+    assert (out / "table4.png").exists() and (out / "table4.tex").exists()
+    assert "Table 2" in capsys.readouterr().out
+
+
+def test_unfinished_records_ignored(tmp_path):
+    rec = Records(tmp_path)
+    rec.add("voc21", 70.0, status="running")
+    rec.add("voc21", 71.0, status="failed")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "result.json").write_text("{not json")
+    assert mt.load_local_records(tmp_path) == []
+    assert mt.build_table(2, []).ours.isna().all().all()
+
+
+def test_newest_record_wins_by_mtime_not_path(tmp_path):
+    rec = Records(tmp_path)
+    rec.add("voc21", 59.0, subdir="b", mtime=10)
+    rec.add("voc21", 58.0, subdir="a", mtime=20)  # sorts first by path, but is newer
+    assert mt.build_table(2, summaries(tmp_path)).ours.loc["qk", "voc21"] == 58.0
+
+
+def test_random_trials_mean_std_and_rerun_of_one_trial(tmp_path, caplog):
+    rec = Records(tmp_path)
+    random = {"projection": "random", "n": 16, "combine": "mean"}
+    for trial, value in enumerate([58.0, 58.5, 57.5, 58.0, 58.0]):
+        rec.add("voc21", value, trial=trial, **random)
+    rec.add("voc21", 59.0, trial=4, **random)  # re-run replaces trial 4's 58.0
+    with caplog.at_level(logging.WARNING):
+        table = mt.build_table(2, summaries(tmp_path))
+    assert table.trials.loc["random_16", "voc21"] == 5
+    assert table.ours.loc["random_16", "voc21"] == pytest.approx(58.2)
+    assert table.std.loc["random_16", "voc21"] == pytest.approx(0.5701, abs=1e-4)
+    assert "fewer than" not in caplog.text
+    assert sorted(table.observations.query("source == 'ours'")["mIoU"]) == [
+        57.5, 58.0, 58.0, 58.5, 59.0]
+
+
+def test_rows_need_exact_settings(tmp_path):
+    rec = Records(tmp_path)
+    rec.add("voc21", 1.0, combine="mean")                         # qk with mean: not default
+    rec.add("voc21", 2.0, temperature=4.0)                        # other csa temperature
+    rec.add("voc21", 3.0, crop=448, stride=224)                   # not the default windows
+    rec.add("voc21", 4.0, projection="random", n=4, trial=0, combine="sum")
+    table = mt.build_table(2, summaries(tmp_path))
+    assert table.ours.isna().all().all()
+
+
+def test_paper_preset_takes_336_for_coco_stuff(tmp_path):
+    rec = Records(tmp_path)
+    rec.add("coco_stuff", 22.4, short_side=336)
+    records = summaries(tmp_path)
+    assert mt.build_table(2, records).ours.isna().all().all()  # sclip default is 448
+    assert mt.build_table(2, records, preset="paper").ours.loc["qk", "coco_stuff"] == 22.4
+
+
+def test_hand_made_record_with_missing_defaults(tmp_path):
+    # Only a config block: the summary is derived; csa without projection means qk + sum.
+    config = {"dataset": {"name": "voc21"}, "model": {"arch": "ViT-B-16-quickgelu",
+                                                      "pretrained": "openai"},
+              "attention": {"name": "csa", "temperature": 8.0}, "projection": None,
+              "postprocess": {"name": "none"},
+              "preprocess": {"short_side": 336, "window": 224, "stride": 112}, "limit": None}
+    run = tmp_path / "by-hand"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"status": "finished", "config": config,
+                                                 "metrics": {"mIoU": 59.5}}))
+    records = mt.load_local_records(tmp_path)
+    assert records[0]["projection"] == "qk" and records[0]["combine"] == "sum"
+    assert mt.build_table(2, records).ours.loc["qk", "voc21"] == 59.5
+
+
+def test_full_record_beats_newer_partial_one(tmp_path, caplog):
+    rec = Records(tmp_path)
+    rec.add("voc21", 59.6)
+    rec.add("voc21", 40.0, limit=1)  # a newer smoke run must not replace the real result
+    rec.add("context59", 30.0, limit=1)
+    with caplog.at_level(logging.WARNING):
+        table = mt.build_table(2, summaries(tmp_path))
+    assert table.ours.loc["qk", "voc21"] == 59.6
+    assert table.ours.loc["qk", "context59"] == 30.0
+    assert "partial evaluations (limit set): Default (qk) / Context59" in caplog.text
+
+
+def test_model_filter_defaults_to_most_common(tmp_path, caplog):
+    rec = Records(tmp_path)
+    rec.add("voc21", 59.6)
+    rec.add("context59", 34.5)
+    rec.add("voc21", 12.0, model="ViT-B-32-quickgelu")
+    records = mt.load_local_records(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        kept, model = mt.select_model(records)
+    assert model == "ViT-B-16-quickgelu" and len(kept) == 2
+    assert "ViT-B-32-quickgelu/openai (1)" in caplog.text
+    kept, model = mt.select_model(records, model="ViT-B-32-quickgelu")
+    assert [r["mIoU"] for r in kept] == [12.0]
+
+
+def test_wandb_runs_become_summaries(monkeypatch):
+    """The W&B path with a fake API: config + summary metrics -> the same summary schema."""
+    import wandb
+
+    config = {"dataset": {"name": "voc21"}, "model": {"arch": "ViT-B-16-quickgelu",
+                                                      "pretrained": "openai"},
+              "attention": {"name": "csa", "temperature": 8.0, "combine": None},
+              "projection": {"name": "random", "n": 4, "trial": 2, "combine": "mean"},
+              "postprocess": {"name": "none"},
+              "preprocess": {"short_side": 336, "window": 224, "stride": 112}}
+    runs = [SimpleNamespace(state="finished", id="a", created_at="2025-01-02T00:00:00Z",
+                            summary={"mIoU": 58.1, "_step": 0}, config=config),
+            SimpleNamespace(state="crashed", id="b", created_at="2025-01-03T00:00:00Z",
+                            summary={"mIoU": 1.0}, config=config)]
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            pass
+
+        def runs(self, project):
+            assert project == "me/sclip"
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    records = mt.load_wandb_records("me/sclip")
+    assert len(records) == 1
+    assert {k: records[0][k] for k in ("projection", "n", "trial", "combine", "mIoU")} == {
+        "projection": "random", "n": 4, "trial": 2, "combine": "mean", "mIoU": 58.1}
+    assert mt.build_table(2, records).ours.loc["random_4", "voc21"] == 58.1
+
+
+def test_misuse_exits_with_one_line(tmp_path, capsys):
+    assert mt.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a directory" in err
+    with pytest.raises(SystemExit) as exit_info:
+        mt.main(["--root", str(tmp_path), "--tables", "5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid choice: 5" in err
