@@ -7,7 +7,9 @@
     padded accumulation), asserting identical predictions;
 (b) 20 Table-2/3 variants: one shared-trunk pass vs 20 separate passes (identical maps);
 (c) achieved encoder GFLOP/s vs this machine's dense-matmul GFLOP/s, measured here;
-(d) text-embedding time: full 77-token context vs cut after the longest prompt.
+(d) text-embedding time: full 77-token context vs cut after the longest prompt;
+(e) the bf16 CPU path (AMX) vs the fp32 reference: time per image and how many predicted
+    pixels change (with real weights, run sclip_lab.run twice to see how far mIoU moves).
 
 Weights are a random-init ViT-B/16 (QuickGELU) unless --pretrained names a file or tag;
 speed does not depend on the weights. Images are synthetic VOC-sized (375×500) scenes.
@@ -16,7 +18,9 @@ speed does not depend on the weights. Images are synthetic VOC-sized (375×500) 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -108,11 +112,20 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
     torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, tmp)
+
+
+def run(args: argparse.Namespace, tmp: str) -> None:
+    weights = args.pretrained
+    if weights == "none":  # one random-init checkpoint file, so every path loads the same
+        weights = str(Path(tmp) / "ViT-B-16-random.pt")
+        torch.save(open_clip.create_model("ViT-B-16-quickgelu").state_dict(), weights)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.precision}")
 
     seg, info = build_segmenter(
-        model={"arch": "ViT-B-16-quickgelu", "pretrained": args.pretrained},
+        model={"arch": "ViT-B-16-quickgelu", "pretrained": weights},
         attention={"name": "csa", "temperature": 8.0}, projection=None,
         preprocess={"short_side": 336, "window": 224, "stride": 112}, postprocess=None,
         classes=VOC_CLASSES, logit_scale=65, prob_thd=0.1, area_thd=0.1,
@@ -175,6 +188,22 @@ def main() -> None:
     print(f"(d) text: {len(prompts)} prompts, full context {t_full:.2f} s, cut at the longest "
           f"prompt ({int(tokens.argmax(-1).max()) + 1} tokens) {t_cut:.2f} s -> "
           f"{t_full / t_cut:.2f}x (max |Δ| {float(diff):.1e})")
+
+    # (e) bf16 vs fp32 on the same weights and queries
+    if args.device == "cpu" and args.precision == "fp32":
+        low, _ = build_segmenter(
+            model={"arch": "ViT-B-16-quickgelu", "pretrained": weights},
+            attention={"name": "csa", "temperature": 8.0}, projection=None,
+            preprocess={"short_side": 336, "window": 224, "stride": 112}, postprocess=None,
+            classes=VOC_CLASSES[:1], logit_scale=65, device="cpu", precision="bf16",
+            batch_size=args.batch_size, cache_dir=None)
+        low.queries, low.post = seg.queries, seg.post  # same text side
+        low.logits_many(resized[:1], sizes[:1])
+        low_logits, t_low = timed(lambda: low.logits_many(resized, sizes)[0])
+        agree = np.mean([float((segment.predict_classes(lg, seg.post) == ref_pred).float().mean())
+                         for lg, ref_pred in zip(low_logits, ours)])
+        print(f"(e) bf16: {t_low / n:.3f} s per image vs fp32 {t_ours / n:.3f} s -> "
+              f"{t_ours / t_low:.2f}x; {agree:.2%} of predicted pixels unchanged")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from sclip_lab import data, segment
 from sclip_lab.config import CONF_DIR
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, patch_logits
 from sclip_lab.pipeline import ConfigError, build_segmenter
+from sclip_lab.run import exit_on_user_error
 from sclip_lab.tracking import Tracker, write_json_atomic
 
 log = logging.getLogger("sclip_lab")
@@ -235,23 +235,20 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     tracker = Tracker(OmegaConf.to_container(cfg.logger, resolve=True), run_dir)
     ok = False
-    try:
-        tracker.start(OmegaConf.to_container(cfg, resolve=True), name=cfg.name,
-                      tags=["learn", cfg.dataset.name])
-        path = train(cfg, tracker)
-        payload = torch.load(path, weights_only=False)
-        torch.save(payload, run_dir / "projection.pt")
-        write_json_atomic(run_dir / "learn.json", {
-            "artefact": str(path), "key": payload["key"], "losses": payload["losses"],
-            "num_windows": payload["num_windows"], "config": payload["config"]})
-        print(f"learned projection -> {path}")
-        ok = True
-    except (ConfigError, data.DataError, ValueError) as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        tracker.finish(ok)
+    with exit_on_user_error():
+        try:
+            tracker.start(OmegaConf.to_container(cfg, resolve=True), name=cfg.name,
+                          tags=["learn", cfg.dataset.name])
+            path = train(cfg, tracker)
+            payload = torch.load(path, weights_only=False)
+            torch.save(payload, run_dir / "projection.pt")
+            write_json_atomic(run_dir / "learn.json", {
+                "artefact": str(path), "key": payload["key"], "losses": payload["losses"],
+                "num_windows": payload["num_windows"], "config": payload["config"]})
+            print(f"learned projection -> {path}")
+            ok = True
+        finally:
+            tracker.finish(ok)
 
 
 if __name__ == "__main__":

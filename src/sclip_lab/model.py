@@ -110,7 +110,8 @@ def quickgelu_arch(arch: str) -> str:
 
 
 def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str = "auto",
-              quick_gelu: bool | None = None) -> tuple[nn.Module, dict]:
+              quick_gelu: bool | None = None, config_file: str | None = None
+              ) -> tuple[nn.Module, dict]:
     """Build an open_clip CLIP ViT with weights.
 
     Args:
@@ -120,10 +121,16 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         precision: ``auto`` (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.
         device: ``auto`` | cpu | cuda.
         quick_gelu: force the activation; None = QuickGELU exactly for OpenAI weights.
+        config_file: an extra open_clip model-config JSON to register first (custom arch).
 
     Returns:
         ``(model in eval mode, info)`` where info records what was resolved.
     """
+    if config_file:
+        path = Path(config_file).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.config_file={path} does not exist")
+        open_clip.add_model_config(path)
     if arch not in open_clip.list_models():
         near = [m for m in open_clip.list_models() if m.lower().startswith(arch[:5].lower())]
         raise ModelError(f"unknown model.arch={arch!r}; open_clip has e.g. {near[:12]}")

@@ -8,11 +8,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 from torch import Tensor
 
@@ -284,11 +282,6 @@ def build_segmenter(
     learned: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Segmenter, dict]:
     """Load the model and text queries, validate the variant -> (segmenter, model info)."""
-    if model.get("config_file"):
-        path = Path(model["config_file"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.config_file={path} does not exist")
-        open_clip.add_model_config(path)
     prep = Preprocess(int(preprocess["short_side"]), int(preprocess["window"]),
                       int(preprocess["stride"]))
     if batch_size < 1:
@@ -296,7 +289,7 @@ def build_segmenter(
     if not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
     clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
-                           model.get("quick_gelu"))
+                           model.get("quick_gelu"), model.get("config_file"))
     encoder = DenseEncoder(clip.visual)
     head = build_head(attention, projection, postprocess, encoder, learned)
     names, owner = split_queries(classes)

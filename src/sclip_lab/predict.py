@@ -9,7 +9,6 @@ prediction as a palette PNG and, with ``logits=FILE.npy``, the stitched cosine l
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 from sclip_lab import data, segment, viz
 from sclip_lab.config import CONF_DIR
 from sclip_lab.pipeline import ConfigError
-from sclip_lab.run import USER_ERRORS, segmenter_from_config
+from sclip_lab.run import exit_on_user_error, segmenter_from_config
 
 log = logging.getLogger("sclip_lab")
 
@@ -61,12 +60,8 @@ def predict(cfg: DictConfig) -> np.ndarray:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         predict(cfg)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

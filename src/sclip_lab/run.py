@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,17 @@ USER_ERRORS = (ConfigError, data.DataError, ModelError, ValueError, FileNotFound
 # What a variant may change: everything after the shared trunk.
 VARIANT_KEYS = ("attention", "projection", "postprocess")
 SHARED_KEYS = ("model", "dataset", "preprocess", "text", "precision", "limit", "data_root")
+
+
+@contextmanager
+def exit_on_user_error():
+    """Entry points: a user error becomes one ``error: ...`` line on stderr and exit 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def seed_everything(seed: int) -> None:

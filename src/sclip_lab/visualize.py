@@ -13,7 +13,6 @@ dir). Every entry of ``attentions`` is an attention name plus optional knobs, as
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 import cv2
 import hydra
 import numpy as np
-import open_clip
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -32,7 +30,7 @@ from sclip_lab.config import CONF_DIR
 from sclip_lab.model import DenseEncoder, LastBlock, load_clip
 from sclip_lab.pipeline import ConfigError, build_head, build_last_block
 from sclip_lab.predict import vocabulary
-from sclip_lab.run import USER_ERRORS, learned_of, segmenter_from_config, variant_configs
+from sclip_lab.run import exit_on_user_error, learned_of, segmenter_from_config, variant_configs
 
 log = logging.getLogger("sclip_lab")
 
@@ -127,14 +125,9 @@ def point_maps(attn: Tensor, tokens: Sequence[int], grid: tuple[int, int]) -> np
 
 def load_encoder(model: Mapping[str, Any], device: str, precision: str
                  ) -> tuple[DenseEncoder, dict]:
-    """``DenseEncoder`` of ``cfg.model`` (registering ``model.config_file`` first)."""
-    if model.get("config_file"):
-        path = Path(model["config_file"]).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.config_file={path} does not exist")
-        open_clip.add_model_config(path)
+    """``DenseEncoder`` of ``cfg.model``."""
     clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
-                           model.get("quick_gelu"))
+                           model.get("quick_gelu"), model.get("config_file"))
     return DenseEncoder(clip.visual), info
 
 
@@ -284,12 +277,8 @@ def visualize(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
 @hydra.main(config_path=str(CONF_DIR), config_name="visualize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with exit_on_user_error():
         visualize(cfg, output)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
