@@ -67,10 +67,13 @@ def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def timed(fn, *args, repeat: int = 1):
+    """(result, best wall time over ``repeat`` calls), GPU work included."""
     best, out = float("inf"), None
     for _ in range(repeat):
         t = time.perf_counter()
         out = fn(*args)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return out, best
 
@@ -93,6 +96,30 @@ def reference_loop(seg, image: np.ndarray, head) -> torch.Tensor:
         count[:, :, y1:y2, x1:x2] += 1
     logits = segment.upsample((preds / count)[0], image.shape[:2])
     return segment.predict_classes(logits, seg.post)
+
+
+def compare(logits: torch.Tensor, pred: torch.Tensor, other: torch.Tensor, post,
+            tol: float = 1e-5) -> tuple[int, int]:
+    """(pixels that differ, of those how many are float ties) between two class maps.
+
+    A pixel is a tie when its top-2 class probabilities or its confidence and prob_thd are
+    within ``tol``: summing in another order may flip it, as it may between two GPUs.
+    """
+    diff = pred != other
+    probs = segment.class_probabilities(logits, post)
+    top = probs.topk(2, dim=0).values
+    tie = (top[0] - top[1] < tol) | ((top[0] - post.prob_thd).abs() < tol)
+    return int(diff.sum()), int((diff & tie).sum())
+
+
+def check_same(pairs, post, what: str) -> str:
+    """Assert that class maps agree everywhere but at float ties; describe the agreement."""
+    total = differ = ties = 0
+    for logits, a, b in pairs:
+        d, t = compare(logits, a, b, post)
+        total, differ, ties = total + a.numel(), differ + d, ties + t
+    assert differ == ties, f"{what}: {differ - ties} non-tied pixels changed"
+    return f"identical on {total - differ}/{total} pixels, {differ} float ties"
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
@@ -141,11 +168,10 @@ def run(args: argparse.Namespace, tmp: str) -> None:
     ref, t_ref = timed(lambda: [reference_loop(seg, im, head) for im in images])
     ours_logits, t_ours = timed(lambda: seg.logits_many(resized, sizes)[0])
     ours = [segment.predict_classes(lg, seg.post) for lg in ours_logits]
-    same = all(torch.equal(a, b) for a, b in zip(ours, ref))
-    assert same, "batched path changed a prediction"
+    same = check_same(zip(ours_logits, ours, ref), seg.post, "(a)")
     n = len(images)
     print(f"(a) per image: reference loop {t_ref / n:.3f} s, ours {t_ours / n:.3f} s "
-          f"-> {t_ref / t_ours:.2f}x, predictions identical: {same}")
+          f"-> {t_ref / t_ours:.2f}x; predictions {same}")
 
     # (b) shared trunk for many variants
     enc = seg.encoder
@@ -154,12 +180,11 @@ def run(args: argparse.Namespace, tmp: str) -> None:
     sub, sub_sizes = resized[:2], sizes[:2]
     shared, t_shared = timed(lambda: seg.logits_many(sub, sub_sizes, heads))
     separate, t_sep = timed(lambda: [seg.logits_many(sub, sub_sizes, [h])[0] for h in heads])
-    for a, b in zip(shared, separate):
-        for x, y in zip(a, b):
-            assert torch.equal(segment.predict_classes(x, seg.post),
-                               segment.predict_classes(y, seg.post))
+    same = check_same([(x, segment.predict_classes(x, seg.post),
+                        segment.predict_classes(y, seg.post))
+                       for a, b in zip(shared, separate) for x, y in zip(a, b)], seg.post, "(b)")
     print(f"(b) {len(heads)} variants on {len(sub)} images: separate {t_sep:.2f} s, "
-          f"shared trunk {t_shared:.2f} s -> {t_sep / t_shared:.2f}x (identical maps)")
+          f"shared trunk {t_shared:.2f} s -> {t_sep / t_shared:.2f}x; predictions {same}")
 
     # (c) encoder throughput vs dense matmul
     dtype = enc.dtype

@@ -113,6 +113,12 @@ def test_submitit_local_launcher_smoke(tiny, tmp_path):
     assert sorted((r["summary"]["short_side"], r["summary"]["crop"]) for r in recs.values()) == [
         (224, 224), (448, 448)]
     assert list(sweeps.rglob(".submitit"))
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
+                           "--out", str(out), "--tables", "4"], cwd=CONF_DIR.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all((out / f"table4.{ext}").is_file() for ext in ("csv", "tex", "png", "pdf"))
 
 
 def test_failed_job_does_not_stop_the_sweep(tiny, tmp_path):
