@@ -34,8 +34,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
+from sclip_lab.config import CONF_DIR, paper_short_side
 from sclip_lab.flops import VIT_B16, open_clip_vit, protocol_flops
+from sclip_lab.tracking import RESULT_FILE, summary_of
 
 try:
     from analysis import paper_values
@@ -50,18 +53,17 @@ except ImportError:  # run as a script or loaded by path: import the sibling fil
 log = logging.getLogger("sclip_lab.tables")
 
 MISSING = "–"
-RESULT_FILE = "result.json"
 TABLE_NUMBERS = (1, 2, 3, 4)
 MIN_TRIALS = 5  # the paper averages 5 random draws (PROTOCOL §3)
 # A typical PASCAL VOC image (W × H = 500 × 375) for Table 4's FLOPs column.
 TYPICAL_VOC_HW = (375, 500)
 
-# PROTOCOL §6: the published code's short side per benchmark; windows 224, stride 112.
-DEFAULT_SHORT_SIDE = {"voc21": 336, "context60": 336, "coco_object": 336, "voc20": 336,
-                      "cityscapes": 560, "context59": 336, "ade20k": 336, "coco_stuff": 448}
+# The published code's short side per benchmark, from its config (windows 224, stride 112).
+DEFAULT_SHORT_SIDE = {p.stem: int(OmegaConf.load(p).short_side)
+                      for p in sorted((CONF_DIR / "dataset").glob("*.yaml"))}
 DEFAULT_CROP, DEFAULT_STRIDE = 224, 112
 # PROTOCOL §9 "paper" preset: the paper's Table 1 setting, 336 everywhere but Cityscapes.
-PAPER_SHORT_SIDE = {**dict.fromkeys(DEFAULT_SHORT_SIDE, 336), "cityscapes": 560}
+PAPER_SHORT_SIDE = {name: paper_short_side(name) for name in DEFAULT_SHORT_SIDE}
 PRESETS = {"sclip": DEFAULT_SHORT_SIDE, "paper": PAPER_SHORT_SIDE}
 
 TABLE1_COLUMNS = {"voc21": "VOC21", "context60": "Context60", "coco_object": "Object",
@@ -182,45 +184,6 @@ def table_spec(number: int) -> TableSpec:
 # ------------------------------------------------------------------------------ records
 
 
-def summary_from_config(config: Mapping[str, Any], metrics: Mapping[str, Any]
-                        ) -> dict[str, Any]:
-    """The summary row of a resolved run config plus its metrics (as ``sclip_lab.run`` does).
-
-    Used for W&B runs and for records without a ``summary`` block.
-    """
-    att = config.get("attention") or {}
-    proj = config.get("projection")
-    name = att.get("name")
-    # csa without a projection group runs its default, qk (conf/run.yaml).
-    projection = (proj or {"name": "qk"}) if name == "csa" else None
-    random = projection is not None and projection.get("name") == "random"
-    combine = None
-    if projection is not None:
-        combine = att.get("combine") or projection.get("combine") or "sum"
-    model = config.get("model") or {}
-    pre = config.get("preprocess") or {}
-    return {
-        "dataset": (config.get("dataset") or {}).get("name"),
-        "model": model.get("arch"),
-        "pretrained": None if model.get("pretrained") is None else str(model["pretrained"]),
-        "attention": name,
-        "projection": None if projection is None else projection.get("name"),
-        "n": projection.get("n") if random else None,
-        "trial": projection.get("trial") if random else None,
-        "combine": combine,
-        "temperature": att.get("temperature"),
-        "window": att.get("window"),
-        "layer": att.get("layer"),
-        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
-        "short_side": pre.get("short_side"),
-        "crop": pre.get("window"),
-        "stride": pre.get("stride"),
-        "precision": config.get("precision"),
-        "limit": config.get("limit"),
-        **{k: metrics.get(k) for k in ("mIoU", "aAcc", "mAcc")},
-    }
-
-
 def record_summary(payload: Mapping[str, Any]) -> dict[str, Any] | None:
     """The summary dict of a finished result record, or None if it has no mIoU."""
     summary = payload.get("summary")
@@ -228,7 +191,10 @@ def record_summary(payload: Mapping[str, Any]) -> dict[str, Any] | None:
         config = payload.get("config")
         if not isinstance(config, Mapping):
             return None
-        summary = summary_from_config(config, payload.get("metrics") or summary or {})
+        try:
+            summary = summary_of(config, payload.get("metrics") or summary or {})
+        except (KeyError, TypeError):  # not a run config
+            return None
     if summary.get("mIoU") is None or summary.get("dataset") is None:
         return None
     return dict(summary)

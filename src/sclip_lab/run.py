@@ -40,7 +40,13 @@ from sclip_lab.config import CONF_DIR, result_key
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import ModelError
 from sclip_lab.pipeline import ConfigError, Segmenter, build_head, build_segmenter
-from sclip_lab.tracking import RESULT_FILE, Tracker, environment, write_json_atomic
+from sclip_lab.tracking import (
+    RESULT_FILE,
+    Tracker,
+    environment,
+    summary_of,
+    write_json_atomic,
+)
 
 log = logging.getLogger("sclip_lab")
 
@@ -77,38 +83,6 @@ def slug(overrides: str) -> str:
 
 
 # ------------------------------------------------------------------------------ records
-
-
-def summary_of(config: Mapping[str, Any], info: Mapping[str, Any], scores: Mapping[str, float],
-               num_images: int) -> dict[str, Any]:
-    """The flat row that sweeps and tables read (one per record)."""
-    att, proj = config["attention"], config.get("projection")
-    name = att["name"]
-    projection = (proj or {"name": "qk"}) if name == "csa" else None
-    random_proj = projection is not None and projection["name"] == "random"
-    return {
-        "dataset": config["dataset"]["name"],
-        "model": info["arch"],
-        "pretrained": str(config["model"]["pretrained"]),
-        "attention": name,
-        "projection": None if projection is None else projection["name"],
-        "n": projection.get("n") if random_proj else None,
-        "trial": projection.get("trial") if random_proj else None,
-        "combine": (att.get("combine") or projection.get("combine") or "sum")
-        if projection is not None else None,
-        "temperature": att.get("temperature"),
-        "window": att.get("window"),
-        "layer": att.get("layer"),
-        "sigma": att.get("sigma"),
-        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
-        "short_side": config["preprocess"]["short_side"],
-        "crop": config["preprocess"]["window"],
-        "stride": config["preprocess"]["stride"],
-        "precision": info["precision"],
-        "num_images": num_images,
-        "limit": config.get("limit"),
-        **{k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")},
-    }
 
 
 def finished_records(root: str | Path | None) -> dict[str, Path]:
@@ -299,10 +273,11 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
+    summary = summary_of(config, metrics, info, num_images)
     record = {
         "status": "finished",
         "key": job.key,
-        "summary": summary_of(config, info, metrics, num_images),
+        "summary": summary,
         "sweep": config.get("sweep"),
         "variant": job.label or None,
         "metrics": metrics,
@@ -322,7 +297,7 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
                       tags=[t for t in (spec.name, job.cfg.attention.name, sweep.get("table"))
                             if t])
         n_log = int(job.cfg.logger.get("num_overlays", 0) or 0)
-        tracker.log_result(metrics, per_class, [(img_id, viz.overlay(image, pred))
+        tracker.log_result(summary, per_class, [(img_id, viz.overlay(image, pred))
                                                 for img_id, image, pred in job.overlays[:n_log]])
         write_json_atomic(job.run_dir / RESULT_FILE, record)
         ok = True

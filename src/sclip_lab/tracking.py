@@ -27,6 +27,49 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-co
             "numpy", "opencv-python-headless", "sclip_lab")
 
 
+def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
+               info: Mapping[str, Any] | None = None, num_images: int | None = None
+               ) -> dict[str, Any]:
+    """The flat row that sweeps and tables read (one per record, also the W&B summary).
+
+    Args:
+        config: a resolved run config.
+        metrics: ``mIoU``, ``aAcc``, ``mAcc``.
+        info: what loading resolved (``arch``, ``precision``); default: the config's.
+        num_images: images evaluated.
+    """
+    info = info or {}
+    att, proj = config["attention"], config.get("projection")
+    name = att["name"]
+    # csa without a projection group runs its default, qk (conf/run.yaml).
+    projection = (proj or {"name": "qk"}) if name == "csa" else None
+    random_proj = projection is not None and projection["name"] == "random"
+    return {
+        "dataset": config["dataset"]["name"],
+        "model": info.get("arch", config["model"]["arch"]),
+        "pretrained": str(config["model"]["pretrained"]),
+        "attention": name,
+        "projection": None if projection is None else projection["name"],
+        "n": projection.get("n") if random_proj else None,
+        "trial": projection.get("trial") if random_proj else None,
+        "combine": (att.get("combine") or projection.get("combine") or "sum")
+        if projection is not None else None,
+        "temperature": att.get("temperature"),
+        "window": att.get("window"),
+        "layer": att.get("layer"),
+        "sigma": att.get("sigma"),
+        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
+        "short_side": config["preprocess"]["short_side"],
+        "crop": config["preprocess"]["window"],
+        "stride": config["preprocess"]["stride"],
+        "precision": info.get("precision", config.get("precision")),
+        "num_images": num_images,
+        "limit": config.get("limit"),
+        **{k: None if metrics.get(k) is None else float(metrics[k])
+           for k in ("mIoU", "aAcc", "mAcc")},
+    }
+
+
 def wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
