@@ -115,6 +115,12 @@ def test_bad_overrides_fail_cleanly_on_the_cli(tiny, tmp_path, overrides, messag
     (["attention=vanilla", "projection=random"], "has no projection"),
     (["limit=0"], "limit=0"),
     (["images_per_batch=0"], "images_per_batch=0"),
+    (["batch_size=0"], "batch_size=0"),
+    (["num_workers=-1"], "num_workers=-1"),
+    (["num_threads=0"], "num_threads=0"),
+    (["save_overlays=-2"], "save_overlays=-2"),
+    (["precision=fp8"], "precision"),
+    (["device=tpu"], "device"),
     (["postprocess=pamr", "postprocess.steps=0"], "steps ≥ 1"),
     (["variants=['attention=vanilla','preprocess=mode1']"], "changes preprocess"),
 ])

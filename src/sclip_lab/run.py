@@ -193,12 +193,16 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     base = jobs[0].cfg
     seed_everything(int(base.seed))
-    if base.get("num_threads"):
-        torch.set_num_threads(int(base.num_threads))
     if base.limit is not None and int(base.limit) < 1:
         raise ConfigError(f"limit={base.limit} must be ≥ 1 (or null for the whole split)")
-    if int(base.images_per_batch) < 1:
-        raise ConfigError(f"images_per_batch={base.images_per_batch} must be ≥ 1")
+    for key, low in (("images_per_batch", 1), ("num_workers", 0), ("save_overlays", 0)):
+        if int(base[key]) < low:
+            raise ConfigError(f"{key}={base[key]} must be ≥ {low}")
+    if base.get("num_threads") is not None:
+        if int(base.num_threads) < 1:
+            raise ConfigError(f"num_threads={base.num_threads} must be ≥ 1 (or null: torch's "
+                              "default)")
+        torch.set_num_threads(int(base.num_threads))
     spec = data.spec_from_config(base.dataset)
     root = data.resolve_data_root(base.data_root)
     if base.dataset.get("source", "files") == "files":
