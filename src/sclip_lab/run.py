@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from sclip_lab import data, segment, viz
 from sclip_lab.config import CONF_DIR, result_key
 from sclip_lab.metrics import SegmentationMetrics
-from sclip_lab.model import ModelError
+from sclip_lab.model import ModelError, resolve_device, resolve_precision
 from sclip_lab.pipeline import ConfigError, Segmenter, build_head, build_segmenter
 from sclip_lab.tracking import (
     RESULT_FILE,
@@ -318,9 +318,7 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     done = finished_records(cfg.get("resume_root"))
     for label, vcfg in variant_configs(cfg, compose=compose):
         job = Job(vcfg, run_dir / slug(label) if label else run_dir, label)
-        precision = vcfg.precision
-        if precision == "auto":
-            precision = "fp16" if (vcfg.device != "cpu" and torch.cuda.is_available()) else "fp32"
+        precision = resolve_precision(vcfg.precision, resolve_device(vcfg.device))
         job.key = result_key({**OmegaConf.to_container(vcfg, resolve=True),
                               "precision": precision})
         if job.key in done:
