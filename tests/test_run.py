@@ -116,6 +116,8 @@ def test_bad_overrides_fail_cleanly_on_the_cli(tiny, tmp_path, overrides, messag
     (["limit=0"], "limit=0"),
     (["images_per_batch=0"], "images_per_batch=0"),
     (["batch_size=0"], "batch_size=0"),
+    (["preprocess.stride=300"], "stride ≤ the window"),
+    (["preprocess.window=8", "preprocess.stride=8"], "smaller than one 16-pixel patch"),
     (["num_workers=-1"], "num_workers=-1"),
     (["num_threads=0"], "num_threads=0"),
     (["save_overlays=-2"], "save_overlays=-2"),

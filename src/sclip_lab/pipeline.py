@@ -36,6 +36,10 @@ class Preprocess:
         for key in ("short_side", "window", "stride"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"preprocess.{key}={getattr(self, key)} must be ≥ 1")
+        if self.stride > self.window:
+            raise ConfigError(f"preprocess.stride={self.stride} > preprocess.window="
+                              f"{self.window} would leave pixels no window covers; use a "
+                              "stride ≤ the window")
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,9 @@ def build_segmenter(
     clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
                            model.get("quick_gelu"), model.get("config_file"))
     encoder = DenseEncoder(clip.visual)
+    if prep.window < encoder.patch:
+        raise ConfigError(f"preprocess.window={prep.window} is smaller than one "
+                          f"{encoder.patch}-pixel patch of {info['arch']}")
     head = build_head(attention, projection, postprocess, encoder, learned)
     names, owner = split_queries(classes)
     dev = torch.device(info["device"])
