@@ -6,7 +6,7 @@ nothing below them sees a config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,15 +240,21 @@ class Segmenter:
             logits = segment.pamr(guide, logits, refine.steps, refine.dilations)
         return logits
 
-    def logits_many(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
-                    heads: Sequence[Head] | None = None) -> list[list[Tensor]]:
-        """``[head][image] -> (Q, H, W)`` for preprocessed images, one shared trunk pass."""
+    def iter_heads(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                   heads: Sequence[Head] | None = None) -> Iterator[list[Tensor]]:
+        """Per head, ``[image] -> (Q, H, W)`` logits of preprocessed images; the trunk runs
+        once, and only one head's full-size logits are alive at a time."""
         heads = self.heads if heads is None else heads
         groups = self.encode(resized, self.early_layers(heads))
         shapes = [tuple(r.shape[1:]) for r in resized]
-        return [[self.refined(lg, r, head.refine)
-                 for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
-                for head in heads]
+        for head in heads:
+            yield [self.refined(lg, r, head.refine)
+                   for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
+
+    def logits_many(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                    heads: Sequence[Head] | None = None) -> list[list[Tensor]]:
+        """``[head][image] -> (Q, H, W)`` for preprocessed images, one shared trunk pass."""
+        return list(self.iter_heads(resized, sizes, heads))
 
     def logits(self, image: np.ndarray | None = None, *, resized: Tensor | None = None,
                size: tuple[int, int] | None = None) -> Tensor:

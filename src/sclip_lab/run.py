@@ -229,8 +229,8 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar:
         for items in loader:
             labels = [torch.from_numpy(it["label"]).to(segmenter.device) for it in items]
-            per_head = segmenter.logits_many([it["input"] for it in items],
-                                             [tuple(lb.shape) for lb in labels])
+            per_head = segmenter.iter_heads([it["input"] for it in items],
+                                            [tuple(lb.shape) for lb in labels])
             for job, head_logits in zip(jobs, per_head):
                 for it, label, logits in zip(items, labels, head_logits):
                     pred = segment.predict_classes(logits, segmenter.post)
