@@ -131,3 +131,14 @@ def test_failed_job_does_not_stop_the_sweep(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_records(sweeps)) == 1
     assert list(sweeps.rglob("failed.json"))
+
+
+def test_slurm_launcher_preset_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=["+sweep=table2", "hydra/launcher=slurm",
+                                         "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert launcher.array_parallelism == 16 and launcher.max_num_timeout == 2
