@@ -243,5 +243,5 @@ def test_cli_unreadable_image_exits_2(tiny_config_file, tiny_checkpoint, tmp_pat
 
 def test_display_names_label_a_background_class():
     lines = ["sky, wall, tree", "cat", "person, man"]
-    assert vis.display_names(lines, has_background=True) == ["background", "cat", "person"]
-    assert vis.display_names(lines, has_background=False) == ["sky", "cat", "person"]
+    assert viz.class_names(lines, has_background=True) == ["background", "cat", "person"]
+    assert viz.class_names(lines, has_background=False) == ["sky", "cat", "person"]

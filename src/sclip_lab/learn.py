@@ -115,10 +115,7 @@ def class_logits(encoder: DenseEncoder, trunk: TrunkOutput, last: LastBlock, que
     """``(B, C, hc, wc)``: window logits × scale, max over each class's synonyms."""
     logits = patch_logits(encoder.head(trunk, last), queries, trunk.grid)
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False) * logit_scale
-    B = logits.shape[0]
-    index = query_class.view(1, -1, 1, 1).expand_as(logits)
-    init = torch.full((B, num_classes, *size), -torch.inf, device=logits.device)
-    return init.scatter_reduce(1, index, logits, reduce="amax", include_self=True)
+    return segment.synonym_max(logits, query_class, num_classes, dim=1)
 
 
 def fit_projection(encoder: DenseEncoder, windows: WindowSet, queries: Tensor,

@@ -49,7 +49,7 @@ def predict(cfg: DictConfig) -> np.ndarray:
     if cfg.logits:
         Path(cfg.logits).parent.mkdir(parents=True, exist_ok=True)
         np.save(cfg.logits, logits.cpu().numpy().astype(np.float32))
-    names = [c.split(", ")[0] for c in classes]
+    names = viz.class_names(classes, has_background=prob_thd > 0)
     found = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
     log.info("%s: %s", cfg.image, ", ".join(f"{k} {v / pred.size:.1%}" for k, v in
                                             sorted(found.items(), key=lambda kv: -kv[1])))

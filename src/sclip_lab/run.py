@@ -273,7 +273,7 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    names = [c.split(", ")[0] for c in spec.classes]
+    names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
     for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")

@@ -165,14 +165,24 @@ class PostProcess:
     area_thd: float | None = None
 
 
+def synonym_max(values: torch.Tensor, query_class: torch.Tensor, num_classes: int,
+                dim: int = 0) -> torch.Tensor:
+    """Per class, the max over its queries along ``dim`` (Q -> C entries)."""
+    if num_classes == values.shape[dim]:
+        return values
+    shape = [1] * values.dim()
+    shape[dim] = -1
+    index = query_class.to(values.device).view(shape).expand_as(values)
+    size = list(values.shape)
+    size[dim] = num_classes
+    out = torch.full(size, -torch.inf, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(dim, index, values, reduce="amax", include_self=True)
+
+
 def class_probabilities(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
     """``(Q, H, W)`` cosine logits -> ``(C, H, W)`` fp32 probabilities (max over synonyms)."""
     probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
-    if pp.num_classes == probs.shape[0]:
-        return probs
-    index = pp.query_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
-    out = torch.full((pp.num_classes, *probs.shape[1:]), -1.0, device=probs.device)
-    return out.scatter_reduce(0, index, probs, reduce="amax", include_self=True)
+    return synonym_max(probs, pp.query_class, pp.num_classes)
 
 
 def predict_classes(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:

@@ -228,19 +228,6 @@ def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     return paths
 
 
-def display_names(classes: Sequence[str], has_background: bool) -> list[str]:
-    """Legend names: each class line's first synonym; class 0 ``background`` when it is one.
-
-    A background class is a bag of stuff synonyms (VOC's line 0 starts with ``sky``), so its
-    first synonym would mislabel it. Only benchmarks with a background class set a
-    probability threshold (PROTOCOL §5.12), which is how the caller can tell.
-    """
-    names = [c.split(", ")[0].strip() for c in classes]
-    if has_background and names:
-        names[0] = "background"
-    return names
-
-
 def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     """Fig. 1: the image and one prediction per ``cfg.attentions`` entry, with a legend."""
     entries = attention_entries(cfg, compose)
@@ -254,7 +241,7 @@ def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     per_head = segmenter.logits_many([resized], [image.shape[:2]])
     preds = {label: segment.predict_classes(logits[0], segmenter.post).cpu().numpy()
              for (label, _), logits in zip(entries, per_head)}
-    names = display_names(classes, has_background=prob_thd > 0)
+    names = viz.class_names(classes, has_background=prob_thd > 0)
     log.info("%s: %d classes, %s %s", cfg.image, len(classes), info["arch"], info["precision"])
     return viz.segmentation_figure(image, preds, names, output / "segmentation")
 

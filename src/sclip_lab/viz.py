@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,19 @@ def palette(num_colors: int = 256) -> np.ndarray:
             c >>= 3
         out[i] = (r, g, b)
     return out
+
+
+def class_names(classes: Sequence[str], has_background: bool) -> list[str]:
+    """Legend names: each class line's first synonym; class 0 ``background`` when it is one.
+
+    A background class is a bag of stuff synonyms (VOC's line 0 starts with ``sky``), so its
+    first synonym would mislabel it. Only benchmarks with a background class set a
+    probability threshold (PROTOCOL §5.12), which is how callers can tell.
+    """
+    names = [c.split(", ")[0].strip() for c in classes]
+    if has_background and names:
+        names[0] = "background"
+    return names
 
 
 def save_palette_png(pred: np.ndarray, path: str | Path) -> None:
