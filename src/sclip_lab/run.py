@@ -56,14 +56,19 @@ VARIANT_KEYS = ("attention", "projection", "postprocess")
 SHARED_KEYS = ("model", "dataset", "preprocess", "text", "precision", "limit", "data_root")
 
 
+def report_user_error(error: BaseException) -> None:
+    """One ``error: ...`` line on stderr (and in the run's log) naming the fix."""
+    log.error("%s", error)
+    print(f"error: {error}", file=sys.stderr)
+
+
 @contextmanager
 def exit_on_user_error():
-    """Entry points: a user error becomes one ``error: ...`` line on stderr and exit 2."""
+    """Entry points: a user error is reported in one line and the process exits with 2."""
     try:
         yield
     except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        report_user_error(e)
         sys.exit(2)
 
 
@@ -345,8 +350,7 @@ def main(cfg: DictConfig) -> float | None:
         records = evaluate(jobs)
         return records[0]["metrics"]["mIoU"]
     except USER_ERRORS as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        report_user_error(e)
         if not _is_multirun():
             sys.exit(2)
         _mark_failed(run_dir, e)

@@ -174,14 +174,15 @@ class Tracker:
         )
         log.info("W&B run %s (%s)", self.run.id, mode)
 
-    def log_result(self, metrics: Mapping[str, float], per_class: Mapping[str, float],
+    def log_result(self, summary: Mapping[str, Any], per_class: Mapping[str, float],
                    overlays: Sequence[tuple[str, np.ndarray]] = ()) -> None:
-        """Scalars into the run summary, per-class IoU as a table, overlays as images."""
+        """The record's summary row (``summary_of``: metrics and the fields tables match on)
+        into the run summary, per-class IoU as a table, overlays as images."""
         if self.run is None:
             return
         import wandb
 
-        self.run.summary.update(dict(metrics))
+        self.run.summary.update(dict(summary))
         table = wandb.Table(columns=["class", "IoU"],
                             data=[[k, None if v is None else float(v)]
                                   for k, v in per_class.items()])
