@@ -37,6 +37,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from sclip_lab.config import CONF_DIR, paper_short_side
+from sclip_lab.errors import (
+    EXIT_USER_ERROR,
+    UserError,
+    check_writable_dir,
+    message_of,
+    report,
+)
 from sclip_lab.flops import VIT_B16, open_clip_vit, protocol_flops
 from sclip_lab.tracking import RESULT_FILE, summary_of
 
@@ -54,7 +61,7 @@ log = logging.getLogger("sclip_lab.tables")
 
 MISSING = "–"
 TABLE_NUMBERS = (1, 2, 3, 4)
-MIN_TRIALS = 5  # the paper averages 5 random draws (PROTOCOL §3)
+MIN_TRIALS = 5  # the paper averages 5 random draws (docs/protocol.md §3)
 # A typical PASCAL VOC image (W × H = 500 × 375) for Table 4's FLOPs column.
 TYPICAL_VOC_HW = (375, 500)
 
@@ -62,7 +69,7 @@ TYPICAL_VOC_HW = (375, 500)
 DEFAULT_SHORT_SIDE = {p.stem: int(OmegaConf.load(p).short_side)
                       for p in sorted((CONF_DIR / "dataset").glob("*.yaml"))}
 DEFAULT_CROP, DEFAULT_STRIDE = 224, 112
-# PROTOCOL §9 "paper" preset: the paper's Table 1 setting, 336 everywhere but Cityscapes.
+# docs/protocol.md §9 "paper" preset: the paper's Table 1 setting, 336 everywhere but Cityscapes.
 PAPER_SHORT_SIDE = {name: paper_short_side(name) for name in DEFAULT_SHORT_SIDE}
 PRESETS = {"sclip": DEFAULT_SHORT_SIDE, "paper": PAPER_SHORT_SIDE}
 
@@ -405,7 +412,7 @@ def build_table(number: int, records: Sequence[Mapping[str, Any]],
         vit: architecture for Table 4's FLOPs (keyword arguments of ``vit_encoder_flops``);
             default ViT-B/16.
         preset: which default short sides Tables 1–3 require, "sclip" (the published code,
-            PROTOCOL §6) or "paper" (§9).
+            docs/protocol.md §6) or "paper" (§9).
     """
     spec = table_spec(number)
     keys, names = [r.key for r in spec.rows], list(spec.columns)
@@ -650,7 +657,8 @@ def _vit_for(model: str | None) -> dict[str, Any]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line instead of usage + error
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        report(f"{message} (analysis/make_tables.py --help)")
+        self.exit(EXIT_USER_ERROR)
 
 
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
@@ -674,18 +682,28 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return build_tables(args)
+    except UserError as e:
+        report(e)
+        return EXIT_USER_ERROR
+
+
+def build_tables(args: argparse.Namespace) -> int:
+    """Read the records, write every requested table; UserError for unusable inputs."""
+    check_writable_dir(args.out, "--out")  # before reading hundreds of records
     if args.wandb_project:
         try:
             records = load_wandb_records(args.wandb_project)
-        except Exception as e:  # any API or network failure becomes one message
-            print(f"make_tables: error: cannot read W&B project {args.wandb_project}: {e}",
-                  file=sys.stderr)
-            return 1
+        except Exception as e:  # noqa: BLE001 - any API or network failure is one message
+            raise UserError(f"cannot read W&B project {args.wandb_project} "
+                            f"({type(e).__name__}: {message_of(e)[:200]}); check the name "
+                            "and `wandb login`, or use --root with local records") from None
         source = f"W&B project {args.wandb_project}"
     else:
         if not args.root.is_dir():
-            print(f"make_tables: error: root {args.root} is not a directory", file=sys.stderr)
-            return 2
+            raise UserError(f"--root {args.root} is not a directory; point it at the sweep "
+                            "outputs (e.g. --root multirun/)")
         records = load_local_records(args.root)
         source = str(args.root)
     if not records:
@@ -693,7 +711,6 @@ def main(argv: Iterable[str] | None = None) -> int:
                     source)
     records, model = select_model(records, args.model, args.pretrained)
     vit = _vit_for(model) if 4 in args.tables else None
-    args.out.mkdir(parents=True, exist_ok=True)
     for number in sorted(set(args.tables)):
         table = build_table(number, records, vit=vit, preset=args.preset)
         paths = write_table(table, args.out)

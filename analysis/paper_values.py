@@ -1,9 +1,9 @@
 """The paper's numbers (mIoU, %) for Tables 1–4, transcribed once.
 
 Source: Wang, Mei, Yuille, "SCLIP: Rethinking Self-Attention for Dense Vision-Language
-Inference" (``/work/shared/reference/sclip-paper.txt``). Table 3 is garbled in the text
-extraction; its values here come from the corrected transcription of the table. Keys are the
-row ids that ``make_tables`` uses and the dataset names of PROTOCOL §6.
+Inference" (ECCV 2024, arXiv:2312.01597), Tables 1–4. Table 3's values were checked against
+the typeset table (text extractions of the PDF garble it). Keys are the
+row ids that ``make_tables`` uses and the dataset names of docs/protocol.md §6.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``name`` exactly where and how the real release keeps them (JPEG / PNG images, VOC palette
 PNGs, 8-bit grey PNGs, split files, Cityscapes city folders), and returns what it wrote
 with the labels after the benchmark's label rule. The layouts and rules are transcribed
-here independently of ``sclip_lab.data`` so that tests compare two readings of PROTOCOL §6.
+here independently of ``sclip_lab.data`` so that tests compare two readings of docs/protocol.md §6.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def voc_palette() -> list[int]:
 
 
 def label_rule(raw: np.ndarray, rule: str) -> np.ndarray:
-    """PROTOCOL §6 label rules as a 256-entry lookup table."""
+    """docs/protocol.md §6 label rules as a 256-entry lookup table."""
     lut = np.arange(256, dtype=np.int64)
     if rule == "reduce_zero_label":
         lut[0] = 255

@@ -1,4 +1,4 @@
-"""Attention variants of the last block (PROTOCOL §2–3) against direct transcriptions."""
+"""Attention variants of the last block (docs/protocol.md §2–3) against direct transcriptions."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from sclip_lab.data import DataError
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 BENCHMARKS = ["voc21", "context60", "coco_object", "voc20", "cityscapes", "context59",
               "ade20k", "coco_stuff"]
-# PROTOCOL §6: C, Q, S, logit scale, prob_thd (0 = off), area_thd, split size, rule.
+# docs/protocol.md §6: C, Q, S, logit scale, prob_thd (0 = off), area_thd, split size, rule.
 TABLE = {
     "voc21": (21, 56, 336, 65, 0.1, 0.1, 1449, "identity"),
     "context60": (60, 60, 336, 50, 0.1, None, 5105, "identity"),
@@ -40,7 +40,7 @@ def spec_of(name: str) -> data.BenchmarkSpec:
 
 
 def rule_by_hand(raw: np.ndarray, rule: str) -> np.ndarray:
-    """PROTOCOL §6 transcribed element by element (independent of both implementations)."""
+    """docs/protocol.md §6 transcribed element by element (independent of both implementations)."""
     out = np.empty(raw.shape, dtype=np.int64)
     for idx, v in np.ndenumerate(raw):
         v = int(v)
@@ -102,7 +102,7 @@ def test_vocabulary_relations():
 
 def test_queries_split_synonyms_and_keep_duplicates():
     names, query_class = spec_of("coco_object").queries()
-    # "bed" is a background synonym and class 60: both stay (PROTOCOL §12)
+    # "bed" is a background synonym and class 60: both stay (docs/protocol.md §12)
     assert [query_class[i] for i, n in enumerate(names) if n == "bed"] == [0, 60]
     names, query_class = spec_of("voc21").queries()
     assert names[26] == "aeroplane" and query_class[:27] == [0] * 26 + [1]

@@ -1,4 +1,4 @@
-"""mIoU as mmseg defines it (PROTOCOL §11), against numpy."""
+"""mIoU as mmseg defines it (docs/protocol.md §11), against numpy."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_precision_choices(tiny_checkpoint):
 
 
 def _reference_pos_embed(pos, h, w):
-    """Independent transcription of PROTOCOL §1's interpolation rule."""
+    """Independent transcription of docs/protocol.md §1's interpolation rule."""
     g = int(math.sqrt(pos.shape[0] - 1))
     grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
     out = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic",

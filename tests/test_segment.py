@@ -1,4 +1,4 @@
-"""Resize rule, sliding windows + stitching, post-processing and PAMR (PROTOCOL §5, §7)."""
+"""Resize rule, sliding windows + stitching, post-processing and PAMR (docs/protocol.md §5, §7)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_synonym_max_over_softmax_of_all_queries():
 
 
 def reference_predict(logits, pp_):
-    """PROTOCOL §5.9–12 written out on class probabilities."""
+    """docs/protocol.md §5.9–12 written out on class probabilities."""
     probs = segment.class_probabilities(logits, pp_)
     if pp_.area_thd is not None:
         pred = probs.argmax(0)
@@ -144,7 +144,7 @@ def test_area_thd_drops_small_classes():
 
 
 def reference_pamr(img, mask, steps, dilations):
-    """Transcription of PAMR with explicit 3×3 dilated kernels via conv2d (PROTOCOL §7)."""
+    """Transcription of PAMR with explicit 3×3 dilated kernels via conv2d (docs/protocol.md §7)."""
     def shifts(x, d, with_centre):
         K = x.shape[1]
         ws = []

@@ -125,12 +125,24 @@ def test_failed_job_does_not_stop_the_sweep(tiny, tmp_path):
     data = tmp_path / "data"
     write_benchmark(data, "voc21", num_images=1, size=(64, 64))  # context59 missing
     sweeps = tmp_path / "sweeps"
-    proc = cli("run", "-m", "+sweep=table3", *tiny, f"data_root={data}", "logger=none",
-               "hydra.sweeper.params.dataset='context59,voc21'", "variants=['attention=csa']",
-               env={"SCLIP_SWEEPS": str(sweeps)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["run", "-m", "+sweep=table3", *tiny, f"data_root={data}", "logger=none",
+            "hydra.sweeper.params.dataset='context59,voc21'", "variants=['attention=csa']"]
+    proc = cli(*args, env={"SCLIP_SWEEPS": str(sweeps)})
+    # The other job finished; the sweep still says that one failed, and where.
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 job(s)/variant(s) of this sweep failed" in proc.stderr
+    failed = list(sweeps.rglob("failed.json"))
+    assert [f.parent.name for f in failed] == ["context59"]
+    assert str(failed[0].parent) in proc.stderr
     assert len(_records(sweeps)) == 1
-    assert list(sweeps.rglob("failed.json"))
+    # Once the data is there, relaunching finishes the failed job, skips the finished one
+    # and drops the stale failed.json: the sweep exits 0.
+    write_benchmark(data, "context59", num_images=1, size=(64, 64))
+    proc = cli(*args, env={"SCLIP_SWEEPS": str(sweeps)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skip [attention=csa]" in proc.stdout + proc.stderr
+    assert not list(sweeps.rglob("failed.json"))
+    assert len(_records(sweeps)) == 2
 
 
 def test_slurm_launcher_preset_composes():

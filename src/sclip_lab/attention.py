@@ -1,4 +1,4 @@
-"""Last-block attention variants (PROTOCOL §2–3), one small function each, in a registry.
+"""Last-block attention variants (docs/protocol.md §2–3), one small function each, in a registry.
 
 Every variant maps the last block's per-head tensors to an attention matrix::
 
@@ -211,7 +211,7 @@ def csa(
     temperature: float = HEAD_TEMPERATURE,
 ) -> Tensor:
     """SCLIP's correlative self-attention: Σ or mean over W of ``softmax(R_h R_hᵀ / τ)``,
-    ``R = z Wᵀ + b`` split into heads (PROTOCOL §3; the default {W_q, W_k} sums)."""
+    ``R = z Wᵀ + b`` split into heads (docs/protocol.md §3; the default {W_q, W_k} sums)."""
     maps = [softmax_attention(r, r, temperature) for r in (project(x, p) for p in projections)]
     total = torch.stack(maps).sum(0)
     return total / len(maps) if combine == "mean" else total
@@ -247,7 +247,7 @@ def csa_projections(
     trial: int = 0,
     learned: tuple[Tensor, Tensor | None] | None = None,
 ) -> list[Projection]:
-    """The projection set P of a CSA mode (PROTOCOL §3): ``F.linear`` (weight, bias) pairs,
+    """The projection set P of a CSA mode (docs/protocol.md §3): ``F.linear`` (weight, bias) pairs,
     or "q"/"k" for the block's own (biased) query/key projections."""
     (wq, _), _, _ = qkv_weights(attn)
     dim, dtype, device = wq.shape[1], wq.dtype, wq.device

@@ -20,7 +20,7 @@ RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "pos
 
 
 def paper_short_side(dataset: str) -> int:
-    """The paper's Table 1 short side: 336, Cityscapes 560 (PROTOCOL §9)."""
+    """The paper's Table 1 short side: 336, Cityscapes 560 (docs/protocol.md §9)."""
     return PAPER_SHORT_SIDE.get(dataset, 336)
 
 

@@ -1,6 +1,6 @@
 """The benchmarks room: specs from ``conf/dataset/*.yaml``, label rules and loaders.
 
-One ``BenchmarkSpec`` per benchmark (PROTOCOL §6) holds its vocabulary (§12), its on-disk
+One ``BenchmarkSpec`` per benchmark (docs/protocol.md §6) holds its vocabulary (§12), its on-disk
 layout relative to ``data_root`` and its protocol constants. ``SegmentationDataset``
 reads the standard layout as the published code does (§5.1): images with OpenCV (BGR,
 converted to RGB), ground truth with PIL (palette indices / grey values) at the original
@@ -13,6 +13,7 @@ Every layout problem is a ``DataError`` whose one-line message names the fix.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from sclip_lab.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 SYNONYM_SEP = ", "
@@ -40,7 +45,7 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
 }
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A benchmark that cannot be read; the message is one line naming the fix."""
 
 
@@ -57,7 +62,7 @@ class BenchmarkSpec:
         split: split file relative to ``root`` (one id per line), or None for every
             image file under ``img_dir`` (recursive).
         label_rule: ``identity`` or ``reduce_zero_label`` (see ``apply_label_rule``).
-        short_side: resize target of the short side (PROTOCOL §5.2).
+        short_side: resize target of the short side (docs/protocol.md §5.2).
         logit_scale: multiplier of the cosine logits before the softmax.
         prob_thd: pixels below this max probability become class 0; 0.0 = off.
         area_thd: minimum area fraction of a predicted class; None = off.
@@ -179,7 +184,7 @@ def spec_from_config(section: Mapping) -> BenchmarkSpec:
 
 
 def apply_label_rule(raw: np.ndarray, rule: str) -> np.ndarray:
-    """Map raw label values to class indices (PROTOCOL §6).
+    """Map raw label values to class indices (docs/protocol.md §6).
 
     Args:
         raw: ``(H, W)`` integer label map as decoded (palette indices / grey values).
@@ -295,6 +300,9 @@ def list_ids(spec: BenchmarkSpec, data_root: str | os.PathLike) -> list[str]:
     """
     data_root = Path(data_root).expanduser()
     hint = prepare_hint(spec, data_root)
+    if data_root.exists() and not data_root.is_dir():
+        raise DataError(f"data_root {data_root} is a file; point data_root=... (or "
+                        f"${DATA_ENV}) at the folder that holds {spec.root}")
     if not data_root.is_dir():
         raise DataError(f"data_root {data_root} does not exist: run {hint}, or point "
                         f"data_root=... (or ${DATA_ENV}) at the folder that holds {spec.root}")
@@ -320,6 +328,12 @@ def list_ids(spec: BenchmarkSpec, data_root: str | os.PathLike) -> list[str]:
             f"no *{spec.img_suffix} file under {img_dir}")
         raise DataError(f"{spec.name}: {what}: run {hint}")
     return ids
+
+
+def warn_limit(limit: int | None, available: int, name: str) -> None:
+    if limit is not None and int(limit) > available:
+        log.warning("limit=%s is larger than the %s split (%d images): evaluating all %d",
+                    limit, name, available, available)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -349,6 +363,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.root = self.data_root / spec.root
         self.transform = transform
         ids = list_ids(spec, self.data_root)
+        warn_limit(limit, len(ids), spec.name)
         self.ids = ids if limit is None else ids[: int(limit)]
         hint = prepare_hint(spec, self.data_root)
         for i in range(len(self.ids)):
@@ -452,6 +467,7 @@ class HFSegmentationDataset(torch.utils.data.Dataset):
             stream = rows.take(int(limit)) if limit is not None else rows
             self.rows = list(stream)  # materialised once: random access for DataLoaders
         else:
+            warn_limit(limit, len(rows), spec.name)
             self.rows = rows if limit is None else rows.select(range(min(int(limit),
                                                                           len(rows))))
         if len(self.rows) == 0:

@@ -3,7 +3,7 @@
 FLOPs are 2 × multiply-accumulates of the matrix products of one forward of an open_clip
 ViT visual tower: the patch-embedding convolution, per block the qkv and output projections,
 the attention scores ``q kᵀ`` and the weighted sum ``A v``, the MLP, and the dense path's
-final ``@ proj`` applied to every token (PROTOCOL §1). LayerNorms, softmaxes, activations,
+final ``@ proj`` applied to every token (docs/protocol.md §1). LayerNorms, softmaxes, activations,
 residual adds and biases are element-wise and left out, as fvcore and
 ``torch.utils.flop_counter`` do. The attention products are counted explicitly because
 ``FlopCounterMode`` misses them inside fused attention kernels. With these conventions
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from sclip_lab.segment import resized_shape, window_boxes
 
-# OpenAI CLIP ViT-B/16, the paper's backbone (PROTOCOL §1).
+# OpenAI CLIP ViT-B/16, the paper's backbone (docs/protocol.md §1).
 VIT_B16: dict[str, int] = {"width": 768, "layers": 12, "heads": 12, "patch": 16,
                            "output_dim": 512}
 
@@ -77,7 +77,7 @@ def protocol_flops(image_hw: tuple[int, int], short_side: int, crop: int, stride
 
     Args:
         image_hw: original ``(height, width)`` in pixels.
-        short_side, crop, stride: the preprocessing mode (PROTOCOL §5, §9).
+        short_side, crop, stride: the preprocessing mode (docs/protocol.md §5, §9).
         **vit: keyword arguments of :func:`vit_encoder_flops` overriding ViT-B/16's.
 
     Returns:

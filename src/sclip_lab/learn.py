@@ -1,4 +1,4 @@
-"""Train the single CSA projection of Table 2's "learned" row (PROTOCOL §8).
+"""Train the single CSA projection of Table 2's "learned" row (docs/protocol.md §8).
 
 ``python -m sclip_lab.learn dataset=voc21 [steps=300 lr=0.001 seed=0 images=64]``
 
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,11 +31,10 @@ from tqdm.auto import tqdm
 
 from sclip_lab import attention as attn
 from sclip_lab import data, segment
-from sclip_lab.config import CONF_DIR
+from sclip_lab.errors import ConfigError, check_writable_dir, hydra_entry, integer, number
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, patch_logits
-from sclip_lab.pipeline import ConfigError, build_segmenter
-from sclip_lab.run import exit_on_user_error
-from sclip_lab.tracking import Tracker, write_json_atomic
+from sclip_lab.pipeline import build_segmenter
+from sclip_lab.tracking import Tracker, atomic_target, write_json_atomic
 
 log = logging.getLogger("sclip_lab")
 
@@ -148,20 +146,19 @@ def fit_projection(encoder: DenseEncoder, windows: WindowSet, queries: Tensor,
             opt.step()
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if tracker is not None and tracker.run is not None:
-                tracker.run.log({"train/loss": losses[-1], "train/step": step})
+            if tracker is not None:
+                tracker.log({"train/loss": losses[-1], "train/step": step})
     return weight.detach(), bias.detach(), losses
 
 
 def train(cfg: DictConfig, tracker: Tracker | None = None) -> Path:
     """Train the projection for ``cfg`` and save it at ``artefact_path(cfg)``."""
     p = cfg.projection
-    steps, images, batch_windows = int(p.steps), int(p.images), int(p.batch_windows)
-    if steps < 1 or images < 1 or batch_windows < 1 or float(p.lr) <= 0:
-        raise ConfigError(f"learned projection needs steps, images, batch_windows ≥ 1 and "
-                          f"lr > 0 (got steps={steps}, images={images}, "
-                          f"batch_windows={batch_windows}, lr={p.lr})")
-    torch.manual_seed(int(p.seed))
+    steps = integer(p.steps, "projection.steps", 1)
+    images = integer(p.images, "projection.images", 1)
+    batch_windows = integer(p.batch_windows, "projection.batch_windows", 1)
+    number(p.lr, "projection.lr", above=0)
+    torch.manual_seed(integer(p.seed, "projection.seed"))
     spec = data.spec_from_config(cfg.dataset)
     section = train_section(OmegaConf.to_container(cfg.dataset, resolve=True))
     dataset = data.build_dataset(section, data.resolve_data_root(cfg.data_root), images, None)
@@ -180,31 +177,49 @@ def train(cfg: DictConfig, tracker: Tracker | None = None) -> Path:
         spec.num_classes, spec.logit_scale, steps=steps, lr=float(p.lr), seed=int(p.seed),
         batch_windows=batch_windows, tracker=tracker)
     path = artefact_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"weight": weight.cpu(), "bias": bias.cpu(), "losses": losses,
                "key": artefact_key(cfg), "model": info, "num_windows": len(windows),
                "config": OmegaConf.to_container(cfg, resolve=True)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_target(path) as tmp:
+        torch.save(payload, tmp)
     log.info("saved learned projection %s (loss %.4f -> %.4f)", path,
              losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return path
 
 
-def load_artefact(path: Path) -> tuple[Tensor, Tensor | None]:
+def read_artefact(path: Path) -> tuple[Tensor, Tensor | None]:
+    """(W, b) of an artefact file, checked: a finite square float matrix, a matching bias.
+
+    Raises:
+        ValueError: the file is unreadable, truncated or holds something else.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-        return payload["weight"], payload.get("bias")
+        weight, bias = payload["weight"], payload.get("bias")
     except Exception as e:  # noqa: BLE001 - any failure means the file is not an artefact
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    ok = (isinstance(weight, Tensor) and weight.ndim == 2 and weight.shape[0] == weight.shape[1]
+          and weight.is_floating_point() and bool(torch.isfinite(weight).all()))
+    if ok and bias is not None:
+        ok = (isinstance(bias, Tensor) and tuple(bias.shape) == (weight.shape[0],)
+              and bias.is_floating_point() and bool(torch.isfinite(bias).all()))
+    if not ok:
+        raise ValueError("it holds no finite square float matrix W with a matching bias")
+    return weight, bias
+
+
+def load_artefact(path: Path) -> tuple[Tensor, Tensor | None]:
+    try:
+        return read_artefact(path)
+    except ValueError as e:
         raise ConfigError(f"projection.path={path} is not a learned-projection artefact "
-                          f"({type(e).__name__}: {e}); train one with python -m sclip_lab.learn"
-                          ) from None
+                          f"({e}); train one with python -m sclip_lab.learn") from None
 
 
 def learned_projection(cfg: DictConfig) -> tuple[Tensor, Tensor | None]:
     """The (W, b) for ``projection=learned``: the given file, the matching artefact, or
-    a freshly trained one (``projection.auto_train``)."""
+    a freshly trained one (``projection.auto_train``). A cached artefact that cannot be
+    read is reported, dropped and trained again."""
     if cfg.projection.path:
         path = Path(cfg.projection.path).expanduser()
         if not path.is_file():
@@ -212,40 +227,45 @@ def learned_projection(cfg: DictConfig) -> tuple[Tensor, Tensor | None]:
                               f"python -m sclip_lab.learn dataset={cfg.dataset.name}")
         return load_artefact(path)
     path = artefact_path(cfg)
-    if not path.is_file():
-        if not cfg.projection.auto_train:
-            raise ConfigError(f"no learned projection for this config at {path}; run "
-                              f"python -m sclip_lab.learn dataset={cfg.dataset.name} "
-                              "(same model/preprocess/steps/lr/images/seed) or set "
-                              "projection.path")
-        log.info("no learned projection at %s: training it first", path)
+    if path.is_file():
         try:
-            train(cfg)
-        except data.DataError as e:
-            raise ConfigError(f"projection=learned: no artefact at {path} and training is "
-                              f"impossible ({e}); pass projection.path=<artefact>") from None
+            return read_artefact(path)
+        except ValueError as e:
+            log.warning("dropping the broken cached projection %s (%s)", path, e)
+            path.unlink(missing_ok=True)
+    if not cfg.projection.auto_train:
+        raise ConfigError(f"no learned projection for this config at {path}; run "
+                          f"python -m sclip_lab.learn dataset={cfg.dataset.name} "
+                          "(same model/preprocess/steps/lr/images/seed) or set "
+                          "projection.path")
+    log.info("no learned projection at %s: training it first", path)
+    try:
+        train(cfg)
+    except data.DataError as e:
+        raise ConfigError(f"projection=learned: no artefact at {path} and training is "
+                          f"impossible ({e}); pass projection.path=<artefact>") from None
     return load_artefact(path)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="learn", version_base="1.3")
+@hydra_entry("learn")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_writable_dir(Path(cfg.cache_dir) / "learned", "cache_dir")
     tracker = Tracker(OmegaConf.to_container(cfg.logger, resolve=True), run_dir)
     ok = False
-    with exit_on_user_error():
-        try:
-            tracker.start(OmegaConf.to_container(cfg, resolve=True), name=cfg.name,
-                          tags=["learn", cfg.dataset.name])
-            path = train(cfg, tracker)
-            payload = torch.load(path, weights_only=False)
-            torch.save(payload, run_dir / "projection.pt")
-            write_json_atomic(run_dir / "learn.json", {
-                "artefact": str(path), "key": payload["key"], "losses": payload["losses"],
-                "num_windows": payload["num_windows"], "config": payload["config"]})
-            print(f"learned projection -> {path}")
-            ok = True
-        finally:
-            tracker.finish(ok)
+    try:
+        tracker.start(OmegaConf.to_container(cfg, resolve=True), name=cfg.name,
+                      tags=["learn", cfg.dataset.name])
+        path = train(cfg, tracker)
+        payload = torch.load(path, weights_only=False)
+        torch.save(payload, run_dir / "projection.pt")
+        write_json_atomic(run_dir / "learn.json", {
+            "artefact": str(path), "key": payload["key"], "losses": payload["losses"],
+            "num_windows": payload["num_windows"], "config": payload["config"]})
+        print(f"learned projection -> {path}")
+        ok = True
+    finally:
+        tracker.finish(ok)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Dataset-level segmentation metrics on one int64 confusion matrix (PROTOCOL §11).
+"""Dataset-level segmentation metrics on one int64 confusion matrix (docs/protocol.md §11).
 
 mmseg's definition: areas summed over the whole dataset, IoU_c = ΣI_c / ΣU_c, classes
 with ΣU_c = 0 excluded from the mean (NaN-mean), a class predicted but never present

@@ -1,4 +1,4 @@
-"""Load any open_clip ViT and run it densely (PROTOCOL §1–2).
+"""Load any open_clip ViT and run it densely (docs/protocol.md §1–2).
 
 ``load_clip`` builds an open_clip model from an architecture name plus a hub tag or a
 local checkpoint (open_clip state dict, or OpenAI's ``clip`` file as a state dict or its
@@ -29,6 +29,7 @@ from sclip_lab.attention import (
     softmax_attention,
     split_heads,
 )
+from sclip_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model or checkpoint problem, with the fix in the message."""
 
 

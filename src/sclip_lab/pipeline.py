@@ -16,14 +16,11 @@ from torch import Tensor
 
 from sclip_lab import attention as attn
 from sclip_lab import segment
+from sclip_lab.errors import ConfigError, integer, number
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, load_clip, patch_logits
 from sclip_lab.text import classifier, split_queries
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """An impossible or unknown config value; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -34,12 +31,20 @@ class Preprocess:
 
     def __post_init__(self):
         for key in ("short_side", "window", "stride"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"preprocess.{key}={getattr(self, key)} must be ≥ 1")
+            integer(getattr(self, key), f"preprocess.{key}", 1)
         if self.stride > self.window:
             raise ConfigError(f"preprocess.stride={self.stride} > preprocess.window="
                               f"{self.window} would leave pixels no window covers; use a "
                               "stride ≤ the window")
+        if self.window > self.short_side:
+            log.warning("preprocess.window=%d is larger than the resized short side %d: "
+                        "each image fits in one (smaller) window", self.window,
+                        self.short_side)
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> Preprocess:
+        return cls(*(integer(section[k], f"preprocess.{k}", 1)
+                     for k in ("short_side", "window", "stride")))
 
 
 @dataclass(frozen=True)
@@ -56,23 +61,12 @@ def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
         return None
     if name != "pamr":
         raise ConfigError(f"unknown postprocess={name!r}; choose none or pamr")
-    steps, dil = int(section.get("steps", 10)), tuple(int(d) for d in section["dilations"])
+    steps = integer(section.get("steps", 10), "postprocess.steps")
+    dil = tuple(integer(d, "postprocess.dilations") for d in section["dilations"] or ())
     if steps < 1 or not dil or min(dil) < 1:
         raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
                           f"(got steps={steps}, dilations={list(dil)})")
     return Refine(steps, dil)
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None, odd: bool = False
-               ) -> int:
-    if isinstance(value, bool) or not float(value).is_integer():
-        raise ConfigError(f"{name}={value} must be an integer")
-    v = int(value)
-    if v < low or (high is not None and v > high) or (odd and v % 2 == 0):
-        rng = f"{low}…{high}" if high is not None else f"≥ {low}"
-        raise ConfigError(f"{name}={value} is impossible: use an {'odd ' if odd else ''}"
-                          f"integer {rng}")
-    return v
 
 
 def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
@@ -98,33 +92,36 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
     params: dict[str, Any] = {}
     early_layers: tuple[int, ...] = ()
     if name in ("sharpen", "csa"):
-        t = float(attention.get("temperature", attn.HEAD_TEMPERATURE))
+        t = number(attention.get("temperature", attn.HEAD_TEMPERATURE), "temperature")
         if t < 0 or (name == "csa" and t == 0):
             raise ConfigError(f"temperature={t} is impossible: use a value > 0"
                               + (" (0 = hard max is for attention=sharpen)" if t == 0 else ""))
         params["temperature"] = t
     if name == "local":
-        params["window"] = _check_int("window", attention.get("window"), 1, odd=True)
+        params["window"] = integer(attention.get("window"), "window", 1, odd=True)
     if name == "early":
-        params["layer"] = _check_int("layer", attention.get("layer"), 1, depth)
+        params["layer"] = integer(attention.get("layer"), "layer", 1, depth)
         early_layers = (params["layer"],)
     if name == "naclip":
-        sigma = float(attention.get("sigma", 5.0))
-        if sigma <= 0:
-            raise ConfigError(f"sigma={sigma} must be > 0")
-        params["sigma"] = sigma
+        params["sigma"] = number(attention.get("sigma", 5.0), "sigma", above=0)
     if name == "csa":
         proj = dict(projection or {"name": "qk", "combine": "sum"})
         mode = proj.get("name")
         if mode not in attn.PROJECTIONS:
             raise ConfigError(f"unknown projection={mode!r}; "
                               f"choose one of {list(attn.PROJECTIONS)}")
-        n = _check_int("n", proj.get("n", 1), 1) if mode == "random" else 1
-        trial = _check_int("trial", proj.get("trial", 0), 0) if mode == "random" else 0
+        n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
+        trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
         combine = attention.get("combine") or proj.get("combine") or "sum"
         if combine not in attn.COMBINES:
             raise ConfigError(f"combine={combine!r}; choose one of {list(attn.COMBINES)}")
         block = encoder.visual.transformer.resblocks[-1]
+        width = block.attn.embed_dim
+        if mode == "learned" and learned is not None and tuple(learned[0].shape) != (
+                width, width):
+            raise ConfigError(f"the learned projection is {tuple(learned[0].shape)} but this "
+                              f"model's last block is {width} wide; train one for this model "
+                              "with python -m sclip_lab.learn")
         params["projections"] = attn.csa_projections(mode, block.attn, n=n, trial=trial,
                                                      learned=learned)
         params["combine"] = combine
@@ -292,10 +289,8 @@ def build_segmenter(
     learned: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Segmenter, dict]:
     """Load the model and text queries, validate the variant -> (segmenter, model info)."""
-    prep = Preprocess(int(preprocess["short_side"]), int(preprocess["window"]),
-                      int(preprocess["stride"]))
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be ≥ 1")
+    prep = Preprocess.from_section(preprocess)
+    batch_size = integer(batch_size, "batch_size", 1)
     if not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
     clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,

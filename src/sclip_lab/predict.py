@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
 from sclip_lab import data, segment, viz
-from sclip_lab.config import CONF_DIR
-from sclip_lab.pipeline import ConfigError
-from sclip_lab.run import exit_on_user_error, segmenter_from_config
+from sclip_lab.errors import ConfigError, check_writable_dir, hydra_entry, number
+from sclip_lab.run import segmenter_from_config
+from sclip_lab.tracking import atomic_target
 
 log = logging.getLogger("sclip_lab")
 
@@ -30,7 +29,11 @@ def vocabulary(cfg: DictConfig) -> tuple[list[str], float, float, float | None]:
         classes = [str(c).strip() for c in classes if str(c).strip()]
         if not classes:
             raise ConfigError("classes=[] is empty; give e.g. classes=\"[cat, dog, grass]\"")
-        return classes, float(cfg.logit_scale), 0.0, None
+        if len(set(classes)) != len(classes):
+            dup = sorted({c for c in classes if classes.count(c) > 1})
+            log.warning("classes= lists %s more than once: the first one wins every tie",
+                        ", ".join(dup))
+        return classes, number(cfg.logit_scale, "logit_scale", above=0), 0.0, None
     spec = data.spec_from_config(cfg.dataset)
     return list(spec.classes), spec.logit_scale, spec.prob_thd, spec.area_thd
 
@@ -40,15 +43,21 @@ def predict(cfg: DictConfig) -> np.ndarray:
     output = Path(cfg.output)
     if output.suffix.lower() != ".png":
         raise ConfigError(f"output={output} must be a .png file (a palette PNG is written)")
+    outputs = [("output", output)] + ([("logits", Path(cfg.logits))] if cfg.logits else [])
+    for key, path in outputs:
+        if path.is_dir():
+            raise ConfigError(f"{key}={path} is a directory; give a file path")
+        check_writable_dir(path.parent, f"{key}={path}: its folder")
     image = data.read_image(Path(cfg.image))
     classes, scale, prob_thd, area_thd = vocabulary(cfg)
     segmenter, info = segmenter_from_config(cfg, classes, scale, prob_thd, area_thd)
     logits = segmenter.logits(image)
     pred = segment.predict_classes(logits, segmenter.post).cpu().numpy()
-    viz.save_palette_png(pred, output)
+    with atomic_target(output) as tmp:
+        viz.save_palette_png(pred, tmp)
     if cfg.logits:
-        Path(cfg.logits).parent.mkdir(parents=True, exist_ok=True)
-        np.save(cfg.logits, logits.cpu().numpy().astype(np.float32))
+        with atomic_target(cfg.logits) as tmp, open(tmp, "wb") as f:
+            np.save(f, logits.cpu().numpy().astype(np.float32))
     names = viz.class_names(classes, has_background=prob_thd > 0)
     found = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
     log.info("%s: %s", cfg.image, ", ".join(f"{k} {v / pred.size:.1%}" for k, v in
@@ -58,10 +67,9 @@ def predict(cfg: DictConfig) -> np.ndarray:
     return pred
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
+@hydra_entry("predict")
 def main(cfg: DictConfig) -> None:
-    with exit_on_user_error():
-        predict(cfg)
+    predict(cfg)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Downloads the official archives (resumable over HTTP Range, with progress bars and
 checksums), extracts the members the benchmark needs into the standard layout under
-``data_root`` (PROTOCOL §6), converts the raw annotations the benchmark does not ship in
+``data_root`` (docs/protocol.md §6), converts the raw annotations the benchmark does not ship in
 its evaluation format, verifies the result and only then writes a ready marker.
 
-Converters, written from the formats' facts (PROTOCOL §6 "Preparation facts"):
+Converters, written from the formats' facts (docs/protocol.md §6 "Preparation facts"):
 
 - Pascal-Context: ``trainval_merged.json`` (PASCAL in Detail) holds, per image, run-length
   encoded masks with the 459-class ids; painted in file order, the 59 evaluated ids map
@@ -55,6 +55,7 @@ from sclip_lab.data import (
     resolve_data_root,
     spec_from_config,
 )
+from sclip_lab.errors import EXIT_USER_ERROR, UserError, check_writable_dir, report
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ TRAIN_NEEDS: dict[str, tuple[str, ...]] = {
     "coco_stuff": ("coco_train2017",), "coco_object": ("coco_train2017",),
 }
 
-# --- label tables (PROTOCOL §6) ---------------------------------------------------------
+# --- label tables (docs/protocol.md §6) ---------------------------------------------------------
 
 # The 59 evaluated Pascal-Context category ids of the 459-class annotation, ascending;
 # class k (1..59) of context60 is the k-th of them, in the vocabulary's alphabetical order.
@@ -721,9 +722,12 @@ def prepare(name: str, data_root: str | Path | None = None, *,
         return []
     reports = [verify(s, root, split) for split, s in specs.items()]
     if not all(r.ok for r in reports) or force:
+        if (root / val.root).is_dir():  # a tree is there: say what is wrong before fetching
+            for r in reports:
+                say(f"  found: {r.line()}" + "".join(f"\n    - {p}" for p in r.problems[:5]))
+        check_writable_dir(root, "data_root")
         say(f"{name}: preparing under {root} (downloads up to ~"
             f"{_size(download_size_mb(name, with_train))})")
-        root.mkdir(parents=True, exist_ok=True)
         stage(name, root, source, with_train, archives, say)
         convert(name, specs, root, say)
         reports = [verify(s, root, split) for split, s in specs.items()]
@@ -785,15 +789,19 @@ USAGE = ("usage: python -m sclip_lab.prepare <benchmark> [data_root=DIR] [from=D
 _FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
+class ArgumentError(DataError):
+    """A bad command line (the usage hint follows the message)."""
+
+
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
-    """``<benchmark> key=value ...`` -> options (DataError for anything unknown)."""
+    """``<benchmark> key=value ...`` -> options (ArgumentError for anything unknown)."""
     names = [a for a in argv if "=" not in a]
     if len(names) != 1:
-        raise DataError("give exactly one benchmark" + (f" (got {', '.join(names)})"
+        raise ArgumentError("give exactly one benchmark" + (f" (got {', '.join(names)})"
                                                         if names else ""))
     name = names[0]
     if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+        raise ArgumentError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
     opts: dict[str, Any] = {"name": name, "data_root": None, "source_dir": None,
                             "with_train": False, "force": False}
     keys = {"data_root": "data_root", "from": "source_dir", "train": "with_train",
@@ -804,10 +812,10 @@ def parse_args(argv: Sequence[str]) -> dict[str, Any]:
         key, value = arg.split("=", 1)
         key = key.lstrip("+")
         if key not in keys:
-            raise DataError(f"unknown option {key}=; options: {', '.join(keys)}")
+            raise ArgumentError(f"unknown option {key}=; options: {', '.join(keys)}")
         if keys[key] in ("with_train", "force"):
             if value.lower() not in _FLAGS:
-                raise DataError(f"{key}={value} must be true or false")
+                raise ArgumentError(f"{key}={value} must be true or false")
             opts[keys[key]] = _FLAGS[value.lower()]
         else:
             opts[keys[key]] = value or None
@@ -822,10 +830,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
         prepare(opts.pop("name"), **opts)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
-        return 2
+    except UserError as e:
+        report(f"{e} (python -m sclip_lab.prepare --help)" if isinstance(e, ArgumentError)
+               else e)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130

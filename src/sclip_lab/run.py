@@ -16,33 +16,39 @@ import logging
 import random
 import re
 import shlex
-import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sclip_lab import data, segment, viz
-from sclip_lab.config import CONF_DIR, result_key
+from sclip_lab.config import result_key
+from sclip_lab.errors import (
+    ConfigError,
+    UserError,
+    check_writable_dir,
+    clear_failed,
+    hydra_entry,
+    integer,
+    mark_failed,
+    message_of,
+)
 from sclip_lab.metrics import SegmentationMetrics
-from sclip_lab.model import ModelError, resolve_device, resolve_precision
-from sclip_lab.pipeline import ConfigError, Segmenter, build_head, build_segmenter
+from sclip_lab.model import resolve_device, resolve_precision
+from sclip_lab.pipeline import Segmenter, build_head, build_segmenter
 from sclip_lab.tracking import (
     RESULT_FILE,
     Tracker,
+    check_logger,
     environment,
     summary_of,
     write_json_atomic,
@@ -50,26 +56,9 @@ from sclip_lab.tracking import (
 
 log = logging.getLogger("sclip_lab")
 
-USER_ERRORS = (ConfigError, data.DataError, ModelError, ValueError, FileNotFoundError)
 # What a variant may change: everything after the shared trunk.
 VARIANT_KEYS = ("attention", "projection", "postprocess")
 SHARED_KEYS = ("model", "dataset", "preprocess", "text", "precision", "limit", "data_root")
-
-
-def report_user_error(error: BaseException) -> None:
-    """One ``error: ...`` line on stderr (and in the run's log) naming the fix."""
-    log.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
-
-
-@contextmanager
-def exit_on_user_error():
-    """Entry points: a user error is reported in one line and the process exits with 2."""
-    try:
-        yield
-    except USER_ERRORS as e:
-        report_user_error(e)
-        sys.exit(2)
 
 
 def seed_everything(seed: int) -> None:
@@ -93,7 +82,11 @@ def slug(overrides: str) -> str:
 def finished_records(root: str | Path | None) -> dict[str, Path]:
     """result key -> record path, for every finished ``result.json`` under ``root``."""
     found: dict[str, Path] = {}
-    if not root or not Path(root).is_dir():
+    if not root:
+        return found
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"resume_root={root} is a file; point it at a sweep directory")
+    if not Path(root).is_dir():
         return found
     for path in Path(root).rglob(RESULT_FILE):
         try:
@@ -193,20 +186,28 @@ def learned_of(cfg: DictConfig):
     return learned_projection(cfg)
 
 
+def preflight(cfg: DictConfig) -> None:
+    """The cheap checks of a run config, before data, model or text are touched: numbers
+    and their ranges, the logger, and the directories the run will write."""
+    integer(cfg.seed, "seed")
+    integer(cfg.limit, "limit", 1, optional=True)
+    for key, low in (("images_per_batch", 1), ("num_workers", 0), ("save_overlays", 0),
+                     ("batch_size", 1)):
+        integer(cfg[key], key, low)
+    integer(cfg.get("num_threads"), "num_threads", 1, optional=True)
+    check_logger(cfg.logger)
+    integer(cfg.logger.get("num_overlays", 0) or 0, "logger.num_overlays", 0)
+    if cfg.get("cache_dir"):
+        check_writable_dir(cfg.cache_dir, "cache_dir")
+
+
 def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     """Evaluate every job in one data pass; write and return their records."""
     t0 = time.perf_counter()
     base = jobs[0].cfg
+    preflight(base)
     seed_everything(int(base.seed))
-    if base.limit is not None and int(base.limit) < 1:
-        raise ConfigError(f"limit={base.limit} must be ≥ 1 (or null for the whole split)")
-    for key, low in (("images_per_batch", 1), ("num_workers", 0), ("save_overlays", 0)):
-        if int(base[key]) < low:
-            raise ConfigError(f"{key}={base[key]} must be ≥ {low}")
     if base.get("num_threads") is not None:
-        if int(base.num_threads) < 1:
-            raise ConfigError(f"num_threads={base.num_threads} must be ≥ 1 (or null: torch's "
-                              "default)")
         torch.set_num_threads(int(base.num_threads))
     spec = data.spec_from_config(base.dataset)
     root = data.resolve_data_root(base.data_root)
@@ -232,7 +233,7 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
                         num_workers=int(base.num_workers), shuffle=False)
     t1 = time.perf_counter()
     with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar:
-        for items in loader:
+        for items in worker_errors_unwrapped(loader):
             labels = [torch.from_numpy(it["label"]).to(segmenter.device) for it in items]
             per_head = segmenter.iter_heads([it["input"] for it in items],
                                             [tuple(lb.shape) for lb in labels])
@@ -249,6 +250,20 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
                         "per_image_s": t_eval / max(len(dataset), 1)}) for job in jobs]
 
 
+def worker_errors_unwrapped(loader: DataLoader):
+    """Iterate ``loader``; a DataLoader worker's user error (a corrupt image, a label of
+    the wrong size) comes back as its own one-line error, not torch's wrapper."""
+    it = iter(loader)
+    while True:
+        try:
+            items = next(it)
+        except StopIteration:
+            return
+        except UserError as e:
+            raise type(e)(message_of(e)) from None
+        yield items
+
+
 def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
     """Give ``segmenter`` a head per job; a variant that cannot be built (e.g. a learned
     projection without training data) is marked failed and the others go on."""
@@ -257,9 +272,9 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
         try:
             head = build_head(job.cfg.attention, job.cfg.get("projection"),
                               job.cfg.get("postprocess"), segmenter.encoder, learned_of(job.cfg))
-        except USER_ERRORS as e:
+        except UserError as e:
             log.error("variant [%s] skipped: %s", job.label, e)
-            _mark_failed(job.run_dir, e)
+            mark_failed(job.run_dir, e)
             continue
         segmenter.heads.append(head)
         kept.append(job)
@@ -297,23 +312,21 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
         "config": config,
         **environment(),
     }
-    tracker = Tracker(config["logger"], job.run_dir)
-    ok = False
-    try:
-        sweep = config.get("sweep") or {}
-        tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.label) if job.label else ''}",
-                      group=sweep.get("group"),
-                      tags=[t for t in (spec.name, job.cfg.attention.name, sweep.get("table"))
-                            if t])
-        n_log = int(job.cfg.logger.get("num_overlays", 0) or 0)
-        tracker.log_result(summary, per_class, [(img_id, viz.overlay(image, pred))
-                                                for img_id, image, pred in job.overlays[:n_log]])
-        write_json_atomic(job.run_dir / RESULT_FILE, record)
-        ok = True
-    finally:
-        tracker.finish(ok)
+    # The record first: nothing that happens to the logging afterwards can lose it.
+    write_json_atomic(job.run_dir / RESULT_FILE, record)
+    clear_failed(job.run_dir)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> "
           f"{job.run_dir / RESULT_FILE}")
+    tracker = Tracker(config["logger"], job.run_dir)
+    sweep = config.get("sweep") or {}
+    tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.label) if job.label else ''}",
+                  group=sweep.get("group"),
+                  tags=[t for t in (spec.name, job.cfg.attention.name, sweep.get("table"))
+                        if t])
+    n_log = int(job.cfg.logger.get("num_overlays", 0) or 0)
+    tracker.log_result(summary, per_class, [(img_id, viz.overlay(image, pred))
+                                            for img_id, image, pred in job.overlays[:n_log]])
+    tracker.finish(True)
     return record
 
 
@@ -334,39 +347,17 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     return jobs
 
 
-def _is_multirun() -> bool:
-    return HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-@hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")
+@hydra_entry("run")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        jobs = plan_jobs(cfg, run_dir)
-        if not jobs:
-            print(f"nothing to do: every variant has a finished record under "
-                  f"{cfg.resume_root}")
-            return None
-        records = evaluate(jobs)
-        return records[0]["metrics"]["mIoU"]
-    except USER_ERRORS as e:
-        report_user_error(e)
-        if not _is_multirun():
-            sys.exit(2)
-        _mark_failed(run_dir, e)
-    except Exception as e:
-        if not _is_multirun():
-            raise
-        # One failed job must not stop a sweep: leave a trace and let the launcher go on.
-        log.exception("job failed")
-        _mark_failed(run_dir, e)
-    return None
-
-
-def _mark_failed(run_dir: Path, error: BaseException) -> None:
-    write_json_atomic(run_dir / "failed.json", {
-        "status": "failed", "error": f"{type(error).__name__}: {error}",
-        "traceback": traceback.format_exc()})
+    jobs = plan_jobs(cfg, run_dir)
+    if not jobs:
+        clear_failed(run_dir)
+        print(f"nothing to do: every variant has a finished record under {cfg.resume_root}")
+        return None
+    records = evaluate(jobs)
+    clear_failed(run_dir)
+    return records[0]["metrics"]["mIoU"] if records else None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Images to class maps: resize, sliding windows, stitching, post-processing (PROTOCOL §5).
+"""Images to class maps: resize, sliding windows, stitching, post-processing (docs/protocol.md §5).
 
 Shapes: an image is ``(H, W, 3)`` uint8 RGB before normalisation, ``(3, h, w)`` float32
 after; logits are ``(Q, H, W)`` cosine similarities (one plane per text query);
@@ -99,11 +99,11 @@ def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
         windows: box ``(y1, y2, x1, x2)`` -> ``(Q, gh, gw)`` logits on its patch grid; the
             boxes must be the full grid of ``window_boxes`` (every row range × column range).
         height, width: the stitched (resized image) size.
-        size: ``(H, W)`` to bilinearly resize to (PROTOCOL §5.7), or None.
+        size: ``(H, W)`` to bilinearly resize to (docs/protocol.md §5.7), or None.
 
     Returns:
         ``(Q, H, W)`` fp32, equal to bilinear(Σ_w pad(bilinear(L_w, box)) / coverage, size)
-        (PROTOCOL §5.5–7). Every step is linear and separable and the coverage is an outer
+        (docs/protocol.md §5.5–7). Every step is linear and separable and the coverage is an outer
         product of row and column counts, so it is computed as ``G_H @ M @ G_Wᵀ``: M tiles
         the low-resolution window logits, G_H / G_W stack each window row's / column's
         interpolation matrix, divided by the coverage, then the final resize matrix.
@@ -147,7 +147,7 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PostProcess:
-    """Protocol constants that turn stitched logits into a class map (PROTOCOL §5.9–12).
+    """Protocol constants that turn stitched logits into a class map (docs/protocol.md §5.9–12).
 
     Attributes:
         query_class: ``(Q,)`` long, the class index of every text query.
@@ -240,7 +240,7 @@ def pamr_affinity(guide: torch.Tensor, dilations: Sequence[int]) -> list[torch.T
 
 def pamr(guide: torch.Tensor, logits: torch.Tensor, steps: int = 10,
          dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (PROTOCOL §7).
+    """Pixel-adaptive mask refinement (docs/protocol.md §7).
 
     Args:
         guide: ``(3, H, W)`` normalised image at the logits' size.

@@ -1,4 +1,4 @@
-"""Text classifier: templates × class names -> query embeddings ``(Q, E)`` (PROTOCOL §4).
+"""Text classifier: templates × class names -> query embeddings ``(Q, E)`` (docs/protocol.md §4).
 
 Each class line may hold synonyms ("person, person in shirt, …"); every name is one query
 and ``query_class[q]`` is its class. Embeddings are cached on disk, keyed by the text
@@ -20,6 +20,9 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sclip_lab.errors import ConfigError
+from sclip_lab.tracking import atomic_target
+
 log = logging.getLogger(__name__)
 
 TEMPLATE_SETS: dict[str, tuple[Callable[[str], str], ...]] = {
@@ -35,12 +38,17 @@ def split_queries(classes: Sequence[str]) -> tuple[list[str], list[int]]:
         for name in line.split(", "):
             names.append(name.strip())
             owner.append(idx)
+    heads = [line.split(", ")[0].strip() for line in classes]
+    repeated = sorted({n for n in heads if heads.count(n) > 1})
+    if repeated:
+        log.warning("the vocabulary lists the class %s more than once: the copies split its "
+                    "pixels and the lowest index wins ties", ", ".join(repeated[:5]))
     return names, owner
 
 
 def get_templates(name: str) -> tuple[Callable[[str], str], ...]:
     if name not in TEMPLATE_SETS:
-        raise ValueError(f"unknown text.templates={name!r}; choose one of {sorted(TEMPLATE_SETS)}")
+        raise ConfigError(f"unknown text.templates={name!r}; choose one of {sorted(TEMPLATE_SETS)}")
     return TEMPLATE_SETS[name]
 
 
@@ -107,13 +115,34 @@ def classifier(model: nn.Module, arch: str, names: Sequence[str], templates: str
     path = Path(cache_dir).expanduser() / f"text-{key}.pt" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            return torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - a broken cache entry is just recomputed
-            log.warning("ignoring unreadable text cache %s (%s)", path, e)
+            return read_cached(path, names).to(device)
+        except ValueError as e:
+            log.warning("recomputing the broken text cache %s (%s)", path, e)
     emb = query_embeddings(model, open_clip.get_tokenizer(arch), names, tmpl, device)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(emb.cpu(), tmp)
-        tmp.replace(path)
+        with atomic_target(path) as tmp:
+            torch.save({"names": list(names), "embeddings": emb.cpu()}, tmp)
+    return emb
+
+
+def read_cached(path: Path, names: Sequence[str]) -> Tensor:
+    """The ``(Q, E)`` embeddings cached at ``path`` for ``names``.
+
+    Raises:
+        ValueError: unreadable or truncated, another vocabulary, or not finite fp32 rows of
+            unit length.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any load failure means a broken entry
+        raise ValueError(f"unreadable: {type(e).__name__}") from None
+    if not isinstance(payload, dict) or payload.get("names") != list(names):
+        raise ValueError("not this vocabulary's entry")
+    emb = payload.get("embeddings")
+    if not isinstance(emb, Tensor) or emb.dtype != torch.float32 or emb.ndim != 2 or len(
+            emb) != len(names):
+        raise ValueError(f"expected float32 ({len(names)}, E) embeddings")
+    if not torch.isfinite(emb).all() or not torch.allclose(emb.norm(dim=-1),
+                                                           torch.ones(len(emb)), atol=1e-3):
+        raise ValueError("embeddings are not finite unit vectors")
     return emb

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import netrc
 import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+INIT_TIMEOUT_S = 30.0  # longest wait for wandb.init (a key but no network: ~100 s)
 PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-core", "wandb",
             "numpy", "opencv-python-headless", "sclip_lab")
 
@@ -80,17 +83,37 @@ def wandb_logged_in() -> bool:
         return False
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def check_logger(settings: Mapping[str, Any]) -> None:
+    """Refuse an impossible ``logger`` section before any work (ConfigError)."""
+    from sclip_lab.errors import ConfigError, number
+
+    name = settings.get("name", "none")
+    if name not in ("wandb", "none"):
+        raise ConfigError(f"logger={name!r} is not one of wandb|none")
+    if name == "wandb":
+        if settings.get("mode", "auto") not in WANDB_MODES:
+            raise ConfigError(f"logger.mode={settings.get('mode')!r} is not one of "
+                              f"{'|'.join(WANDB_MODES)}")
+        number(settings.get("init_timeout", INIT_TIMEOUT_S), "logger.init_timeout", above=0)
+
+
 def wandb_mode(requested: str = "auto") -> str:
-    """auto -> online if logged in else offline; ``WANDB_MODE`` in the environment wins."""
+    """auto -> online if logged in else offline; ``WANDB_MODE`` in the environment wins.
+
+    ``online`` without credentials falls back to offline with a warning: the run is kept
+    on disk for a later ``wandb sync`` instead of failing after the evaluation.
+    """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if requested not in ("auto", "online", "offline", "disabled"):
-        raise ValueError(f"logger.mode={requested!r} is not one of auto|online|offline|disabled")
     if requested == "auto":
         return "online" if wandb_logged_in() else "offline"
     if requested == "online" and not wandb_logged_in():
-        raise ValueError("logger.mode=online but W&B has no credentials: run `wandb login` "
-                         "or use logger.mode=offline")
+        log.warning("logger.mode=online but W&B has no credentials: logging offline (run "
+                    "`wandb login`, then `python -m sclip_lab.sync` to upload)")
+        return "offline"
     return requested
 
 
@@ -119,29 +142,58 @@ def environment() -> dict[str, Any]:
             "platform": platform.platform(), "git_commit": git_commit()}
 
 
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON via a temporary file + rename, so a reader never sees half a record."""
+@contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one
+    rename, on failure it is removed: a reader never sees half a file. The file gets the
+    usual permissions of a user's file (mkstemp alone would make it 0600)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=_jsonable)
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write strict JSON atomically (``atomic_target``); non-finite floats become null,
+    as JSON has no NaN."""
+    with atomic_target(path) as tmp, open(tmp, "w") as f:
+        json.dump(_finite(payload), f, indent=2, default=_jsonable, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also numpy scalars and arrays) replaced by None."""
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray | np.generic) or hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
     return str(obj)
 
 
 class Tracker:
     """One W&B run per evaluation (or nothing for ``logger=none``).
+
+    W&B is second to the local record: every failure (no key, no network, quota, auth, a
+    W&B bug) becomes one warning line and switches the tracker off; nothing here raises.
+    ``wandb.init`` waits at most ``logger.init_timeout`` seconds (default 30); an online
+    run that cannot start is retried once offline, so that ``python -m sclip_lab.sync``
+    can upload it later.
 
     Args:
         settings: the ``logger`` config section as a plain dict.
@@ -157,22 +209,43 @@ class Tracker:
     def enabled(self) -> bool:
         return self.settings.get("name", "none") == "wandb"
 
+    def _warn(self, what: str, error: BaseException, then: str = "W&B logging is off for "
+              "this run; the local record is unaffected") -> None:
+        from sclip_lab.errors import message_of
+
+        log.warning("W&B: %s failed (%s: %s); %s", what, type(error).__name__,
+                    message_of(error)[:200], then)
+
     def start(self, config: Mapping[str, Any], name: str, group: str | None = None,
               tags: Sequence[str] = ()) -> None:
         if not self.enabled:
             return
-        import wandb
+        try:
+            import wandb
 
-        mode = wandb_mode(self.settings.get("mode", "auto"))
-        self.run = wandb.init(
-            project=self.settings.get("project", "sclip_lab"),
-            entity=self.settings.get("entity"),
-            group=group or self.settings.get("group"),
-            tags=list(tags) + list(self.settings.get("tags") or []),
-            name=name, config=dict(config), mode=mode, dir=str(self.run_dir),
-            reinit="finish_previous", settings=wandb.Settings(silent=True, console="off"),
-        )
-        log.info("W&B run %s (%s)", self.run.id, mode)
+            mode = wandb_mode(self.settings.get("mode", "auto"))
+            timeout = float(self.settings.get("init_timeout", INIT_TIMEOUT_S))
+            kwargs = dict(
+                project=self.settings.get("project", "sclip_lab"),
+                entity=self.settings.get("entity"),
+                group=group or self.settings.get("group"),
+                tags=list(tags) + list(self.settings.get("tags") or []),
+                name=name, config=dict(config), dir=str(self.run_dir),
+                reinit="finish_previous")
+            settings = dict(silent=True, console="off", init_timeout=timeout)
+            try:
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
+            except Exception as e:  # noqa: BLE001 - online trouble: keep the run offline
+                if mode != "online":
+                    raise
+                self._warn("starting an online run", e, "logging offline instead (upload "
+                           "later with python -m sclip_lab.sync)")
+                mode = "offline"
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
+            log.info("W&B run %s (%s)", self.run.id, mode)
+        except Exception as e:  # noqa: BLE001 - logging must never cost a result
+            self._warn("starting the run", e)
+            self.run = None
 
     def log_result(self, summary: Mapping[str, Any], per_class: Mapping[str, float],
                    overlays: Sequence[tuple[str, np.ndarray]] = ()) -> None:
@@ -180,18 +253,35 @@ class Tracker:
         into the run summary, per-class IoU as a table, overlays as images."""
         if self.run is None:
             return
-        import wandb
+        try:
+            import wandb
 
-        self.run.summary.update(dict(summary))
-        table = wandb.Table(columns=["class", "IoU"],
-                            data=[[k, None if v is None else float(v)]
-                                  for k, v in per_class.items()])
-        payload: dict[str, Any] = {"per_class_iou": table}
-        if overlays:
-            payload["predictions"] = [wandb.Image(img, caption=cap) for cap, img in overlays]
-        self.run.log(payload)
+            self.run.summary.update(dict(summary))
+            table = wandb.Table(columns=["class", "IoU"],
+                                data=[[k, None if v is None else float(v)]
+                                      for k, v in per_class.items()])
+            payload: dict[str, Any] = {"per_class_iou": table}
+            if overlays:
+                payload["predictions"] = [wandb.Image(img, caption=cap) for cap, img in overlays]
+            self.run.log(payload)
+        except Exception as e:  # noqa: BLE001
+            self._warn("logging the result", e)
+
+    def log(self, payload: Mapping[str, Any]) -> None:
+        """Log a step's values (e.g. a training loss); failures are one warning."""
+        if self.run is None:
+            return
+        try:
+            self.run.log(dict(payload))
+        except Exception as e:  # noqa: BLE001
+            self._warn("logging", e)
+            self.run = None
 
     def finish(self, ok: bool) -> None:
-        if self.run is not None:
-            self.run.finish(exit_code=0 if ok else 1)
-            self.run = None
+        if self.run is None:
+            return
+        run, self.run = self.run, None
+        try:
+            run.finish(exit_code=0 if ok else 1)
+        except Exception as e:  # noqa: BLE001
+            self._warn("finishing the run", e)

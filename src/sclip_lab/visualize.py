@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -26,11 +25,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sclip_lab import data, segment, viz
-from sclip_lab.config import CONF_DIR
+from sclip_lab.errors import ConfigError, check_writable_dir, hydra_entry, integer
 from sclip_lab.model import DenseEncoder, LastBlock, load_clip
-from sclip_lab.pipeline import ConfigError, build_head, build_last_block
+from sclip_lab.pipeline import build_head, build_last_block
 from sclip_lab.predict import vocabulary
-from sclip_lab.run import exit_on_user_error, learned_of, segmenter_from_config, variant_configs
+from sclip_lab.run import learned_of, segmenter_from_config, variant_configs
 
 log = logging.getLogger("sclip_lab")
 
@@ -207,10 +206,9 @@ def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     """Fig. 2/4: attention maps of ``cfg.points`` under every ``cfg.attentions`` entry."""
     points = parse_points(cfg.points)
     entries = attention_entries(cfg, compose)
-    if int(cfg.size) < 1:
-        raise ConfigError(f"size={cfg.size} must be ≥ 1 (the resized short side in pixels)")
+    short = integer(cfg.size, "size", 1)
     image = data.read_image(Path(cfg.image))
-    small = segment.resize_image(image, int(cfg.size))
+    small = segment.resize_image(image, short)
     size, resized = image.shape[:2], small.shape[:2]
     # Check the points before the (slow) model load.
     marks = [resized_point(p, size, resized) for p in points]
@@ -261,11 +259,11 @@ def visualize(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     return paths
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="visualize", version_base="1.3")
+@hydra_entry("visualize")
 def main(cfg: DictConfig) -> None:
     output = Path(cfg.output) if cfg.output else Path(HydraConfig.get().runtime.output_dir)
-    with exit_on_user_error():
-        visualize(cfg, output)
+    check_writable_dir(output, "output")
+    visualize(cfg, output)
 
 
 if __name__ == "__main__":

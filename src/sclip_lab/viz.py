@@ -28,7 +28,7 @@ def class_names(classes: Sequence[str], has_background: bool) -> list[str]:
 
     A background class is a bag of stuff synonyms (VOC's line 0 starts with ``sky``), so its
     first synonym would mislabel it. Only benchmarks with a background class set a
-    probability threshold (PROTOCOL §5.12), which is how callers can tell.
+    probability threshold (docs/protocol.md §5.12), which is how callers can tell.
     """
     names = [c.split(", ")[0].strip() for c in classes]
     if has_background and names:

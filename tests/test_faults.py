@@ -1,0 +1,404 @@
+"""The fault suite: every bad input or fault ends in one clear line, and nothing is lost.
+
+Each case runs an entry point in this process (as ``python -m`` would, with ``sys.argv``)
+on the tiny random ViT and asserts the exit code, the one ``error:`` line and its content,
+no traceback, and that no record is marked finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from synthetic import write_benchmark
+
+
+def _module(name: str):
+    if name == "analysis.make_tables":  # a script: import it by path, as users run it
+        if "make_tables" not in sys.modules:
+            spec = importlib.util.spec_from_file_location("make_tables",
+                                                          REPO / "analysis/make_tables.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["make_tables"] = module
+            spec.loader.exec_module(module)
+        return sys.modules["make_tables"]
+    return importlib.import_module(f"sclip_lab.{name}")
+
+
+def invoke(module: str, argv: list[str]) -> int:
+    """Run ``python -m sclip_lab.<module> argv`` in this process -> exit code."""
+    mod = _module(module)
+    old = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        code = mod.main(argv) if module in ("prepare", "sync", "analysis.make_tables") \
+            else mod.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    return 0 if code is None else int(code)
+
+
+def finished_records(root: Path) -> list[Path]:
+    return [p for p in root.rglob("result.json")
+            if json.loads(p.read_text()).get("status") == "finished"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_config_file, tiny_checkpoint):
+    """Benchmarks (good, corrupt image, bad label size), files and a shared text cache."""
+    root = tmp_path_factory.mktemp("faults")
+    good, corrupt, badsize = root / "good", root / "corrupt", root / "badsize"
+    write_benchmark(good, "voc21", num_images=2, size=(64, 64))
+    write_benchmark(corrupt, "voc21", num_images=3, size=(64, 64), corrupt_image_for=1)
+    write_benchmark(badsize, "voc21", num_images=3, size=(64, 64), bad_label_size_for=2)
+    a_file = root / "a_file.txt"
+    a_file.write_text("not a directory")
+    junk = root / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not a checkpoint")
+    image = next((good / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))
+    model = ["model.arch=sclip-tiny-vit", f"model.config_file={tiny_config_file}",
+             f"model.pretrained={tiny_checkpoint}", f"cache_dir={root / 'cache'}"]
+    return {"root": root, "good": good, "corrupt": corrupt, "badsize": badsize,
+            "file": a_file, "junk": junk, "image": image, "model": model}
+
+
+def _fill(arg: str, w: dict) -> str:
+    return (arg.replace("{file}", str(w["file"])).replace("{junk}", str(w["junk"]))
+            .replace("{image}", str(w["image"])).replace("{root}", str(w["root"]))
+            .replace("{corrupt}", str(w["corrupt"])).replace("{badsize}", str(w["badsize"])))
+
+
+RUN = "run"
+# (id, entry, overrides, expected exit code, expected substring of the error line)
+CASES = [
+    # Hydra's own errors: unknown options and keys, syntax, unusable run directories.
+    ("unknown-dataset", RUN, ["dataset=nope"], 2, "Available options in 'dataset'"),
+    ("unknown-attention", RUN, ["attention=nope"], 2, "attention/nope"),
+    ("unknown-key", RUN, ["notakey=1"], 2, "notakey"),
+    ("override-syntax", RUN, ["limit=[1"], 2, "limit=[1"),
+    ("run-dir-under-file", RUN, ["hydra.run.dir={file}/run"], 2,
+     "cannot create the run directory"),
+    ("run-dir-is-file", RUN, ["hydra.run.dir={file}"], 2, "cannot create the run directory"),
+    # Numbers: types, ranges, non-finite values, anywhere they are configured.
+    ("limit-type", RUN, ["limit=abc"], 2, "limit=abc must be an integer"),
+    ("limit-zero", RUN, ["limit=0"], 2, "limit=0"),
+    ("temperature-nan", RUN, ["temperature=nan"], 2, "temperature=nan is not a finite number"),
+    ("temperature-inf", RUN, ["temperature=inf"], 2, "temperature=inf is not a finite"),
+    ("sigma-neg-inf", RUN, ["attention=naclip", "sigma=-inf"], 2, "sigma=-inf"),
+    ("dataset-logit-scale-nan", RUN, ["dataset.logit_scale=nan"], 2, "logit_scale=nan"),
+    ("n-type", RUN, ["projection=random", "n=abc"], 2, "n=abc must be an integer"),
+    ("n-zero", RUN, ["projection=random", "n=0"], 2, "n=0"),
+    ("local-even-window", RUN, ["attention=local", "window=4"], 2, "odd integer"),
+    ("early-layer-range", RUN, ["attention=early", "layer=99"], 2, "layer=99"),
+    ("temperature-type", RUN, ["temperature=hot"], 2, "temperature=hot must be a finite"),
+    ("batch-size", RUN, ["batch_size=0"], 2, "batch_size=0"),
+    ("num-workers", RUN, ["num_workers=-1"], 2, "num_workers=-1"),
+    ("images-per-batch-type", RUN, ["images_per_batch=x"], 2, "images_per_batch=x"),
+    ("seed-float", RUN, ["seed=1.5"], 2, "seed=1.5 must be an integer"),
+    ("stride-over-window", RUN, ["preprocess.stride=300"], 2, "preprocess.stride=300"),
+    ("crop-type", RUN, ["preprocess.window=abc"], 2, "preprocess.window=abc"),
+    ("precision", RUN, ["precision=fp8"], 2, "precision='fp8'"),
+    ("device", RUN, ["device=tpu"], 2, "device='tpu'"),
+    ("logger-mode", RUN, ["logger=wandb", "logger.mode=sometimes"], 2, "logger.mode"),
+    ("logger-timeout", RUN, ["logger=wandb", "logger.init_timeout=0"], 2,
+     "logger.init_timeout=0"),
+    ("templates", RUN, ["text.templates=nope"], 2, "text.templates='nope'"),
+    ("pamr-steps", RUN, ["postprocess=pamr", "postprocess.steps=abc"], 2, "postprocess.steps"),
+    # Paths: files where folders belong, missing data and weights.
+    ("cache-dir-is-file", RUN, ["cache_dir={file}"], 2, "cache_dir {file} is a file"),
+    ("cache-dir-under-file", RUN, ["cache_dir={file}/c"], 2, "lies under the file"),
+    ("data-root-is-file", RUN, ["data_root={file}"], 2, "data_root {file} is a file"),
+    ("data-root-missing", RUN, ["data_root={root}/nothing"], 2,
+     "python -m sclip_lab.prepare voc21"),
+    ("resume-root-is-file", RUN, ["resume_root={file}"], 2, "resume_root={file} is a file"),
+    ("weights-missing", RUN, ["model.pretrained={root}/none.pt"], 2, "does not exist"),
+    ("weights-corrupt", RUN, ["model.pretrained={junk}"], 2, "not a readable checkpoint"),
+    ("learned-missing", RUN, ["projection=learned", "projection.path={root}/none.pt"], 2,
+     "does not exist; train it"),
+    ("learned-corrupt", RUN, ["projection=learned", "projection.path={junk}"], 2,
+     "not a learned-projection artefact"),
+    # Errors inside DataLoader workers come back as their own line.
+    ("worker-corrupt-image", RUN, ["data_root={corrupt}", "num_workers=2"], 2,
+     "cannot decode image"),
+    ("worker-label-size", RUN, ["data_root={badsize}", "num_workers=2"], 2,
+     "but its image is 64×64"),
+    # predict
+    ("predict-no-image", "predict", ["output={root}/p.png"], 2, "image is required"),
+    ("predict-image-missing", "predict", ["image={root}/none.jpg", "output={root}/p.png"], 2,
+     "cannot read image"),
+    ("predict-image-corrupt", "predict", ["image={junk}", "output={root}/p.png"], 2,
+     "cannot decode image"),
+    ("predict-output-suffix", "predict", ["image={image}", "output={root}/p.jpg"], 2,
+     "must be a .png file"),
+    ("predict-output-under-file", "predict", ["image={image}", "output={file}/p.png"], 2,
+     "output={file}/p.png: its folder {file} is a file"),
+    ("predict-empty-classes", "predict", ["image={image}", "output={root}/p.png",
+                                          "classes=[]"], 2, "classes=[] is empty"),
+    ("predict-logit-scale-inf", "predict", ["image={image}", "output={root}/p.png",
+                                            "classes=[cat,dog]", "logit_scale=inf"], 2,
+     "logit_scale=inf is not a finite number"),
+    # visualize
+    ("visualize-no-image", "visualize", [], 2, "image is required"),
+    ("visualize-points", "visualize", ["image={image}", "points=[[1]]"], 2,
+     "not an [x, y] pair"),
+    ("visualize-size-type", "visualize", ["image={image}", "points=[[1,1]]", "size=abc"], 2,
+     "size=abc must be an integer"),
+    ("visualize-output-file", "visualize", ["image={image}", "points=[[1,1]]",
+                                            "output={file}"], 2, "output {file} is a file"),
+    # learn
+    ("learn-steps-type", "learn", ["steps=abc"], 2, "projection.steps=abc"),
+    ("learn-cache-under-file", "learn", ["cache_dir={file}/c"], 2, "lies under the file"),
+    # prepare, make_tables, sync (argparse entry points)
+    ("prepare-unknown", "prepare", ["nope"], 2, "unknown benchmark 'nope'"),
+    ("prepare-option", "prepare", ["voc21", "colour=red"], 2, "unknown option colour="),
+    ("prepare-root-is-file", "prepare", ["voc21", "data_root={file}"], 2,
+     "data_root {file} is a file"),
+    ("tables-root-missing", "analysis.make_tables", ["--root", "{root}/none"], 2,
+     "is not a directory"),
+    ("tables-out-is-file", "analysis.make_tables", ["--root", "{root}", "--out", "{file}"], 2,
+     "--out {file} is a file"),
+    ("tables-bad-number", "analysis.make_tables", ["--tables", "9"], 2, "invalid choice"),
+    ("sync-root-missing", "sync", ["{root}/none"], 2, "no such folder"),
+]
+
+
+@pytest.mark.parametrize("entry,overrides,code,message",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_fault(world, tmp_path, capsys, monkeypatch, entry, overrides, code, message):
+    monkeypatch.chdir(tmp_path)  # anything written by accident lands here, not in the repo
+    argv = [_fill(o, world) for o in overrides]
+    if entry in ("run", "predict", "visualize", "learn"):
+        base = [*world["model"], f"data_root={world['good']}", "num_workers=0",
+                "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+        argv = base + argv  # later overrides win
+    assert invoke(entry, argv) == code
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, captured.err[-2000:]
+    assert _fill(message, world) in errors[0], errors[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert not finished_records(tmp_path)
+
+
+def test_the_suite_is_broad():
+    entries = {c[1] for c in CASES}
+    assert len(CASES) >= 40
+    assert entries == {"run", "predict", "visualize", "learn", "prepare",
+                       "analysis.make_tables", "sync"}
+
+
+# ---------------------------------------------------------------- no result is ever lost
+
+
+def _run_argv(world, tmp_path, *extra):
+    return [*world["model"], f"data_root={world['good']}", "num_workers=0",
+            f"hydra.run.dir={tmp_path / 'run'}", *extra]
+
+
+@pytest.mark.parametrize("broken", ["init", "log", "finish"])
+def test_wandb_failures_keep_the_record(world, tmp_path, capsys, monkeypatch, broken):
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+
+    def fail(*a, **k):
+        raise wandb.errors.CommError("simulated: no network")
+
+    if broken == "init":
+        monkeypatch.setattr(wandb, "init", fail)
+    else:
+        real_init = wandb.init
+
+        def init(*a, **k):
+            run = real_init(*a, **k)
+            monkeypatch.setattr(run, "log" if broken == "log" else "finish", fail)
+            return run
+
+        monkeypatch.setattr(wandb, "init", init)
+    assert invoke("run", _run_argv(world, tmp_path, "logger=wandb")) == 0
+    records = finished_records(tmp_path)
+    assert len(records) == 1
+    out = capsys.readouterr()
+    warnings = [line for line in (out.out + out.err).splitlines() if "W&B:" in line]
+    assert len(warnings) == 1 and "simulated: no network" in warnings[0], warnings
+    assert "Traceback" not in out.err + out.out
+
+
+def test_online_without_credentials_logs_offline(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    argv = _run_argv(world, tmp_path, "logger=wandb", "logger.mode=online")
+    assert invoke("run", argv) == 0
+    assert len(finished_records(tmp_path)) == 1
+    assert "W&B has no credentials: logging offline" in capsys.readouterr().out
+    assert list((tmp_path / "run").rglob("offline-run-*"))
+
+
+def test_online_init_that_fails_falls_back_offline(world, tmp_path, monkeypatch, capsys):
+    """A key but no network: the online start fails (here at once), the run goes offline."""
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    real_init = wandb.init
+
+    def init(*a, mode=None, **k):
+        if mode == "online":
+            raise wandb.errors.CommError("simulated: timed out")
+        return real_init(*a, mode=mode, **k)
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert invoke("run", _run_argv(world, tmp_path, "logger=wandb")) == 0
+    assert len(finished_records(tmp_path)) == 1
+    assert "logging offline instead" in capsys.readouterr().out
+    assert list((tmp_path / "run").rglob("offline-run-*"))
+
+
+def test_nan_metric_records_are_strict_json(tmp_path):
+    from sclip_lab.tracking import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"mIoU": float("nan"), "x": [float("inf"), 1.0],
+                                            "t": torch.tensor([float("nan"), 2.0])})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"mIoU": None, "x": [None, 1.0], "t": [None, 2.0]}
+    assert (tmp_path / "r.json").stat().st_mode & 0o044  # readable by the group/others
+
+
+# -------------------------------------------------------------------------- caches heal
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "other-vocabulary", "wrong-dtype",
+                                    "legacy-tensor"])
+def test_broken_text_cache_is_recomputed(tiny_model, tmp_path, caplog, damage):
+    from sclip_lab.text import classifier
+
+    names = ["cat", "dog", "grass"]
+    fresh = classifier(tiny_model, "sclip-tiny-vit", names, "single", torch.device("cpu"),
+                       tmp_path)
+    (path,) = tmp_path.glob("text-*.pt")
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:40])
+    elif damage == "garbage":
+        path.write_bytes(b"garbage")
+    elif damage == "other-vocabulary":
+        torch.save({"names": ["cat", "dog", "sky"], "embeddings": fresh}, path)
+    elif damage == "wrong-dtype":
+        torch.save({"names": names, "embeddings": fresh.half()}, path)
+    else:
+        torch.save(fresh, path)
+    again = classifier(tiny_model, "sclip-tiny-vit", names, "single", torch.device("cpu"),
+                       tmp_path)
+    assert torch.equal(again, fresh)
+    assert sum("recomputing the broken text cache" in r.getMessage()
+               for r in caplog.records) == 1
+    caplog.clear()
+    # Replaced: the third call reads the healed entry without a warning.
+    third = classifier(tiny_model, "sclip-tiny-vit", names, "single", torch.device("cpu"),
+                       tmp_path)
+    assert torch.equal(third, fresh) and not caplog.records
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left over
+
+
+def test_broken_learned_cache_is_dropped_and_reported(tmp_path, caplog):
+    from hydra import compose, initialize_config_dir
+
+    from sclip_lab.config import CONF_DIR
+    from sclip_lab.errors import ConfigError
+    from sclip_lab.learn import artefact_path, learned_projection
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("run", overrides=["projection=learned", f"cache_dir={tmp_path}",
+                                        "projection.auto_train=false"])
+    path = artefact_path(cfg)
+    path.parent.mkdir(parents=True)
+    torch.save({"weight": torch.full((4, 3), float("nan"))}, path)
+    with pytest.raises(ConfigError, match="python -m sclip_lab.learn"):
+        learned_projection(cfg)
+    assert any("dropping the broken cached projection" in r.getMessage()
+               for r in caplog.records)
+    assert not path.exists()
+    torch.save({"weight": torch.eye(4), "bias": torch.zeros(4)}, path)
+    weight, bias = learned_projection(cfg)
+    assert torch.equal(weight, torch.eye(4)) and torch.equal(bias, torch.zeros(4))
+
+
+# ---------------------------------------------------------------------- sweeps and warnings
+
+
+def test_sweep_with_a_failed_job_exits_nonzero(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    argv = ["-m", *world["model"], f"data_root={world['good']}", "num_workers=0",
+            "logger=none", "dataset=voc21,context59", f"hydra.sweep.dir={sweep}"]
+    assert invoke("run", argv) == 1
+    err = capsys.readouterr().err
+    assert "1 job(s)/variant(s) of this sweep failed" in err
+    assert str(sweep / "1") in err and "context59" in err
+    assert (sweep / "1" / "failed.json").is_file() and len(finished_records(sweep)) == 1
+
+
+def test_suspicious_input_warns(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = _run_argv(world, tmp_path, "logger=none", "limit=50", "preprocess.short_side=100",
+                     "preprocess.window=224", "preprocess.stride=112")
+    assert invoke("run", argv) == 0
+    text = capsys.readouterr().out
+    assert "limit=50 is larger than the voc21 split (2 images)" in text
+    assert "preprocess.window=224 is larger than the resized short side 100" in text
+    out = tmp_path / "p.png"
+    assert invoke("predict", [*world["model"], f"image={world['image']}", f"output={out}",
+                              "classes=[cat, dog, cat]", "hydra.run.dir=" + str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "classes= lists cat more than once" in text
+    assert "lists the class cat more than once" in text
+
+
+def test_prepare_reports_a_broken_tree_before_downloading(tmp_path, capsys):
+    from sclip_lab import prepare
+
+    write_benchmark(tmp_path, "voc21", num_images=2, bad_label_size_for=0)
+    # No server: after the report, fetching fails, and nothing is marked ready.
+    code = prepare.main(["voc21", f"data_root={tmp_path}", f"from={tmp_path / 'none'}"])
+    out = capsys.readouterr()
+    assert "found: voc21 val" in out.out and "problem" in out.out
+    assert out.out.index("found: voc21 val") < out.out.index("preparing under")
+    assert code == 2 and len([x for x in out.err.splitlines() if x.startswith("error:")]) == 1
+    assert not list(tmp_path.rglob(".sclip_ready.*"))
+
+
+def test_worker_error_message_is_unwrapped():
+    from sclip_lab.data import DataError
+    from sclip_lab.errors import message_of
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback "
+                        "(most recent call last):\n  File \"x.py\", line 1, in f\n"
+                        "sclip_lab.data.DataError: cannot decode image a.jpg; re-prepare\n")
+    assert message_of(wrapped) == "cannot decode image a.jpg; re-prepare"
+
+
+def test_a_bug_keeps_its_traceback(world, tmp_path, monkeypatch):
+    """Only user errors become one line: a bug inside the lab propagates (exit 1 with its
+    traceback on the command line) instead of being disguised as bad input."""
+    from sclip_lab import segment
+
+    monkeypatch.chdir(tmp_path)
+
+    def broken(*a, **k):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(segment, "predict_classes", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        invoke("run", _run_argv(world, tmp_path, "logger=none"))
+    assert not finished_records(tmp_path)
