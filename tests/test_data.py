@@ -14,6 +14,7 @@ from synthetic import LAYOUTS, write_benchmark
 
 from sclip_lab import data
 from sclip_lab.data import DataError
+from sclip_lab.text import split_queries
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 BENCHMARKS = ["voc21", "context60", "coco_object", "voc20", "cityscapes", "context59",
@@ -61,7 +62,7 @@ def test_config_files_are_exactly_the_benchmarks():
 def test_config_constants_match_protocol_table(name):
     c, q, short, scale, prob, area, n, rule = TABLE[name]
     spec = spec_of(name)
-    names, query_class = spec.queries()
+    names, query_class = split_queries(spec.classes)
     assert spec.name == name and section(name).source == "files"
     assert (spec.num_classes, len(names), len(query_class)) == (c, q, q)
     assert query_class == sorted(query_class) and set(query_class) == set(range(c))
@@ -101,10 +102,10 @@ def test_vocabulary_relations():
 
 
 def test_queries_split_synonyms_and_keep_duplicates():
-    names, query_class = spec_of("coco_object").queries()
+    names, query_class = split_queries(spec_of("coco_object").classes)
     # "bed" is a background synonym and class 60: both stay (docs/protocol.md §12)
     assert [query_class[i] for i, n in enumerate(names) if n == "bed"] == [0, 60]
-    names, query_class = spec_of("voc21").queries()
+    names, query_class = split_queries(spec_of("voc21").classes)
     assert names[26] == "aeroplane" and query_class[:27] == [0] * 26 + [1]
     assert names[-5:] == ["television monitor", "tv monitor", "monitor", "television",
                           "screen"] and query_class[-5:] == [20] * 5
@@ -144,6 +145,79 @@ def test_spec_from_config_accepts_plain_dicts_and_resolves_interpolations():
     assert spec.logit_scale == 12.0
     assert data.spec_from_config(OmegaConf.to_container(section("context60"))).name == (
         "context60")
+
+
+# --- the schema (data.DatasetConfig, Hydra's dataset/base_dataset) ---------------------------
+
+def compose_run(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF.parent), version_base="1.3"):
+        return compose("run", overrides=["logger=none", *overrides])
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_dataset_file_composes_through_the_schema(name):
+    cfg = compose_run(f"dataset={name}")
+    assert OmegaConf.get_type(cfg.dataset) is data.DatasetConfig
+    assert data.spec_from_config(cfg.dataset) == spec_of(name)
+    assert cfg.dataset.hf.split == "validation" and cfg.dataset.source == "files"
+
+
+@pytest.mark.parametrize("override,named", [
+    ("dataset.shortside=3", "shortside"),
+    ("dataset.short_side=abc", "dataset.short_side=abc"),
+    ("dataset.hf.streaming=maybe", "dataset.hf.streaming=maybe"),
+    ("dataset.classes=cat", "dataset.classes=cat"),
+])
+def test_the_schema_refuses_at_composition(override, named):
+    from hydra.errors import ConfigCompositionException
+
+    from sclip_lab.errors import message_of
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_run(override)
+    assert named in message_of(e.value) + message_of(e.value.__cause__ or e.value)
+
+
+def test_a_misspelled_key_in_a_dataset_file_fails_at_composition(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF.parent, conf)
+    text = (CONF / "voc21.yaml").read_text()
+    (conf / "dataset/typo.yaml").write_text(text.replace("short_side:", "shortside:"))
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as e:
+            compose("run", overrides=["logger=none", "dataset=typo"])
+    assert "Key 'shortside' not in 'DatasetConfig'" in str(e.value)
+
+
+def test_the_schema_leaves_non_finite_numbers_to_the_lab():
+    import math
+
+    assert math.isnan(compose_run("dataset.logit_scale=nan").dataset.logit_scale)
+    assert compose_run("dataset.short_side=448").dataset.short_side == 448
+
+
+def test_plain_mappings_meet_the_same_schema():
+    cfg = OmegaConf.to_container(section("voc21"))
+    with pytest.raises(DataError, match=r"dataset voc21: dataset\.shortside: Key 'shortside'"):
+        data.spec_from_config({**cfg, "shortside": 3})
+    with pytest.raises(DataError, match="dataset voc21: dataset.hf.streming"):
+        data.spec_from_config({**cfg, "hf": {"streming": True}})
+    with pytest.raises(DataError, match="key 'short_side' is missing"):
+        data.spec_from_config({**cfg, "short_side": None})
+    full = data.dataset_config(cfg)
+    assert "defaults" not in full and full["hf"]["image_column"] == "image"
+    assert full["prepare"]["needs"] == ["voc2012"]
+    # A training-split override is checked when its spec is built.
+    train = {**{k: v for k, v in cfg.items() if k != "train"}, "expectd_images": 3}
+    with pytest.raises(DataError, match="expectd_images"):
+        data.spec_from_config(train)
 
 
 # --- label rules -----------------------------------------------------------------------

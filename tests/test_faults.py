@@ -111,6 +111,8 @@ CASES = [
     ("logger-timeout", RUN, ["logger=wandb", "logger.init_timeout=0"], 2,
      "logger.init_timeout=0"),
     ("templates", RUN, ["text.templates=nope"], 2, "text.templates='nope'"),
+    ("unknown-knob", RUN, ["attention=sharpen", "+attention.alpha=2"], 2,
+     "attention=sharpen has no knob 'alpha' (its knobs: temperature)"),
     ("pamr-steps", RUN, ["postprocess=pamr", "postprocess.steps=abc"], 2, "postprocess.steps"),
     # Paths: files where folders belong, missing data and weights.
     ("cache-dir-is-file", RUN, ["cache_dir={file}"], 2, "cache_dir {file} is a file"),
@@ -266,7 +268,7 @@ def test_online_init_that_fails_falls_back_offline(world, tmp_path, monkeypatch,
 
 
 def test_nan_metric_records_are_strict_json(tmp_path):
-    from sclip_lab.tracking import write_json_atomic
+    from sclip_lab.files import write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"mIoU": float("nan"), "x": [float("inf"), 1.0],
                                             "t": torch.tensor([float("nan"), 2.0])})
@@ -316,7 +318,7 @@ def test_broken_learned_cache_is_dropped_and_reported(tmp_path, caplog):
 
     from sclip_lab.config import CONF_DIR
     from sclip_lab.errors import ConfigError
-    from sclip_lab.learn import artefact_path, learned_projection
+    from sclip_lab.learned import artefact_path, learned_projection
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=["projection=learned", f"cache_dir={tmp_path}",
@@ -365,11 +367,16 @@ def test_suspicious_input_warns(world, tmp_path, monkeypatch, capsys):
     assert "lists the class cat more than once" in text
 
 
-def test_prepare_reports_a_broken_tree_before_downloading(tmp_path, capsys):
+def test_prepare_reports_a_broken_tree_before_downloading(tmp_path, capsys, monkeypatch):
     from sclip_lab import prepare
+    from sclip_lab.data import DataError
 
+    def offline(url, *a, **k):
+        raise DataError(f"cannot reach {url} (offline)")
+
+    monkeypatch.setattr(prepare, "download", offline)
     write_benchmark(tmp_path, "voc21", num_images=2, bad_label_size_for=0)
-    # No server: after the report, fetching fails, and nothing is marked ready.
+    # After the report, fetching fails, and nothing is marked ready.
     code = prepare.main(["voc21", f"data_root={tmp_path}", f"from={tmp_path / 'none'}"])
     out = capsys.readouterr()
     assert "found: voc21 val" in out.out and "problem" in out.out

@@ -23,7 +23,7 @@ from synthetic import write_benchmark
 
 from sclip_lab import data, prepare
 from sclip_lab.data import DataError
-from sclip_lab.prepare import Archive
+from sclip_lab.prepare import Archive, catalogue
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -555,6 +555,85 @@ def test_prepare_damaged_archive(tmp_path):
                         say=quiet)
 
 
+# --- the catalogue: conf/dataset/*.yaml prepare: sections -----------------------------------
+
+TABLE1 = ("voc21", "context60", "coco_object", "voc20", "cityscapes", "context59", "ade20k",
+          "coco_stuff")
+
+
+def test_benchmarks_are_the_dataset_files_in_table1_order():
+    assert prepare.benchmarks() == TABLE1
+    assert set(TABLE1) == {p.stem for p in (REPO / "conf/dataset").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", TABLE1)
+def test_every_need_and_converter_is_defined(name):
+    section = prepare.load_section(name)
+    keys = catalogue.needs(section, with_train=True)
+    assert keys and all(k in prepare.ARCHIVES for k in keys)
+    assert section["prepare"]["converter"] in (None, *prepare.CONVERTERS)
+    for key in keys:
+        archive = prepare.ARCHIVES[key]
+        assert archive.size_mb > 0 and (archive.url is not None or section["prepare"]["login"])
+
+
+def test_the_catalogue_keeps_the_published_facts():
+    voc = prepare.ARCHIVES["voc2012"]
+    assert voc.checksum == ("md5", "6cd6e144f989b92b3379bac3b3de84fd")
+    assert voc.members[0] == "VOCdevkit/VOC2012/JPEGImages/" and voc.dest == "."
+    assert prepare.ARCHIVES["ade20k"].checksum[0] == "sha1"
+    assert prepare.ARCHIVES["context_json"].members == (), "a plain file"
+    assert prepare.ARCHIVES["stuffthingmaps"].checksum is None
+    assert prepare.ARCHIVES["stuffthingmaps"].train_members == ("train2017/",)
+    # shared archives: voc20, context59 and coco_object need what another file defines
+    for name, owner in (("voc20", "voc21"), ("context59", "context60"),
+                        ("coco_object", "coco_stuff")):
+        assert prepare.load_section(name)["prepare"]["archives"] == {}
+        assert (catalogue.needs(prepare.load_section(name), True)
+                == catalogue.needs(prepare.load_section(owner), True))
+
+
+def test_an_archive_is_defined_once(monkeypatch):
+    twice = {n: prepare.load_section(n) for n in ("voc21", "voc20")}
+    twice["voc20"]["prepare"]["archives"] = twice["voc21"]["prepare"]["archives"]
+    monkeypatch.setattr(catalogue, "_sections", lambda: twice)
+    with pytest.raises(DataError, match="'voc2012' is defined in both voc21.yaml and voc20"):
+        catalogue._load_archives()
+
+
+def test_prepare_sections_are_checked(tmp_path):
+    section = section_of("voc21", expected_images=1)
+    section["prepare"] = {**section["prepare"], "converter": "voc"}
+    with pytest.raises(DataError, match="prepare.converter='voc' is not one of pascal_context"):
+        prepare.prepare("voc21", tmp_path, section=section, say=quiet)
+    section["prepare"] = {"need": ["voc2012"]}
+    with pytest.raises(DataError, match="dataset voc21: dataset.prepare.need: Key 'need'"):
+        prepare.prepare("voc21", tmp_path, section=section, say=quiet)
+    section["prepare"] = {"archives": {"x": {"filename": "x.zip", "dest": "."}}}
+    with pytest.raises(DataError, match="key 'prepare.archives.x.size_mb' is missing"):
+        prepare.prepare("voc21", tmp_path, section=section, say=quiet)
+    with pytest.raises(DataError, match="unknown benchmark 'voc'; choose one of: voc21, "):
+        prepare.load_section("voc")
+
+
+def test_a_benchmark_without_archives_is_verified_and_marked(tmp_path):
+    write_benchmark(tmp_path, "ade20k", num_images=2)
+    section = section_of("ade20k", expected_images=2, prepare={})
+    reports = prepare.prepare("ade20k", tmp_path, section=section, force=True, say=quiet)
+    assert [r.ok for r in reports] == [True] and prepare.is_ready(
+        data.spec_from_config(section), tmp_path)
+
+
+def test_login_instructions_list_every_archive_without_url(tmp_path):
+    section = prepare.load_section("cityscapes")
+    text = prepare.login_instructions("cityscapes", section, tmp_path, prepare.ARCHIVES)
+    assert text == ("cityscapes needs an account: log in at "
+                    "https://www.cityscapes-dataset.com/downloads/, download "
+                    "leftImg8bit_trainvaltest.zip (~11 GB) and gtFine_trainvaltest.zip "
+                    "(~241 MB) into one folder, then run python -m sclip_lab.prepare "
+                    f"cityscapes from=<that folder> data_root={tmp_path}")
+
+
 # --- ensure_ready and the CLI ---------------------------------------------------------------
 
 def test_ensure_ready_cases(server, tmp_path, monkeypatch):
@@ -594,6 +673,14 @@ def test_cli_errors_and_ready(tmp_path, capsys):
     assert prepare.parse_args(["voc20", "from=/z", "train=true", "force=1"]) == {
         "name": "voc20", "data_root": None, "source_dir": "/z", "with_train": True,
         "force": True}
+
+
+def test_cli_help_lists_the_benchmarks(capsys):
+    assert prepare.main(["--help"]) == 0
+    assert "benchmarks: " + ", ".join(TABLE1) in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "sclip_lab.prepare", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m sclip_lab.prepare")
 
 
 def test_cli_module_unknown_benchmark_exits_nonzero():

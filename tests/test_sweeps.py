@@ -11,7 +11,8 @@ from conftest import cli
 from hydra import compose, initialize_config_dir
 from synthetic import write_benchmark
 
-from sclip_lab.config import CONF_DIR, result_key
+from sclip_lab.config import CONF_DIR
+from sclip_lab.records import result_key
 
 TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
 

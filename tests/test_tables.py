@@ -1,4 +1,5 @@
-"""analysis/make_tables.py: tables from synthetic result records (no network, no model)."""
+"""sclip_lab.tables and analysis/make_tables.py: tables from synthetic result records (no
+network, no model)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
+import sclip_lab.tables as tables
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,12 +23,14 @@ def _load_make_tables():
     spec = importlib.util.spec_from_file_location("make_tables",
                                                   REPO / "analysis" / "make_tables.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
 
-mt = _load_make_tables()
+# The package's API, and the CLI's main from the script.
+mt = SimpleNamespace(**{name: getattr(tables, name) for name in tables.__all__},
+                     main=_load_make_tables().main)
 
 SHORT_SIDE = {"voc21": 336, "context59": 336, "coco_stuff": 448, "context60": 336,
               "coco_object": 336, "voc20": 336, "cityscapes": 560, "ade20k": 336}
@@ -329,3 +334,102 @@ def test_misuse_exits_with_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 5" in err
+
+
+# ------------------------------------------------------------- rows come from the configs
+
+
+def test_rows_come_from_the_sweep_configs():
+    from omegaconf import OmegaConf
+
+    from sclip_lab.config import CONF_DIR
+    from sclip_lab.tables import paper
+
+    for number, values in ((1, paper.TABLE1), (2, paper.TABLE2), (3, paper.TABLE3),
+                           (4, paper.TABLE4)):
+        keys = [r.key for r in mt.table_spec(number).rows]
+        assert len(set(keys)) == len(keys) and set(keys) == set(values), number
+        if number < 4:  # every variant the sweep runs lands in a row
+            assert tables.uncovered_variants(number) == [], number
+    modes = {r.key: r.preprocess for r in mt.table_spec(4).rows}
+    for name, mode in modes.items():
+        conf = OmegaConf.load(CONF_DIR / "preprocess" / f"{name}.yaml")
+        assert mode == (conf.short_side, conf.window, conf.stride)
+    assert list(modes) == list(mt.preprocess_modes()) == list(paper.TABLE4_FLOPS)
+
+
+def test_row_match_fields_are_the_composed_summary():
+    from sclip_lab.attention import DEFAULT_COMBINE, DEFAULT_PROJECTION, HEAD_TEMPERATURE
+
+    rows = {n: {r.key: r for r in mt.table_spec(n).rows} for n in (1, 2, 3, 4)}
+    sclip = {"attention": "csa", "projection": DEFAULT_PROJECTION, "combine": DEFAULT_COMBINE,
+             "temperature": HEAD_TEMPERATURE, "postprocess": "none"}
+    assert rows[1]["sclip"].match == sclip == rows[2]["qk"].match == rows[4]["mode3"].match
+    assert rows[1]["clip_pamr"].match == {"attention": "vanilla", "postprocess": "pamr"}
+    # A one-map projection set sums and averages alike: combine is not matched.
+    assert rows[2]["learned"].match == {"attention": "csa", "projection": "learned",
+                                        "temperature": HEAD_TEMPERATURE, "postprocess": "none"}
+    assert rows[2]["random_4"].trials and not rows[2]["qk"].trials
+    assert rows[2]["random_4"].match["n"] == 4 and rows[2]["random_4"].match["combine"] == "mean"
+    assert rows[3]["sharpen_0.5"].match == {"attention": "sharpen", "temperature": 0.5,
+                                            "postprocess": "none"}
+    assert rows[3]["local_7"].match["window"] == 7 and rows[3]["early_5"].match["layer"] == 5
+    assert rows[4]["mode5"].preprocess == (448, 448, 224)
+
+
+@pytest.fixture()
+def fresh_layout():
+    """Table layouts built again from the configs (and again after the test)."""
+    tables.table_spec.cache_clear()
+    yield
+    tables.table_spec.cache_clear()
+
+
+def test_a_new_row_is_a_config_change(tmp_path, monkeypatch, fresh_layout):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from sclip_lab.config import CONF_DIR
+    from sclip_lab.tables import layout
+
+    read = layout.sweep
+
+    def sweep(number):  # as if conf/sweep/table3.yaml had one more variant and row
+        config = read(number)
+        if number == 3:
+            config.variants.append("attention=naclip sigma=3")
+            config.rows.append(OmegaConf.create({"variant": "attention=naclip sigma=3",
+                                                 "key": "naclip_3", "label": "NACLIP σ=3"}))
+        return config
+
+    monkeypatch.setattr(layout, "sweep", sweep)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # a caller's own Hydra
+        row = mt.table_spec(3).rows[-1]
+        assert GlobalHydra.instance().is_initialized()
+        assert compose("run", overrides=["attention=local"]).attention.name == "local"
+    assert (row.key, row.label, row.latex) == ("naclip_3", "NACLIP σ=3", "NACLIP σ=3")
+    assert row.match == {"attention": "naclip", "sigma": 3, "postprocess": "none"}
+    rec = Records(tmp_path)
+    rec.add("voc21", 41.0, attention="naclip", sigma=3.0, projection=None, combine=None,
+            temperature=None)
+    table = mt.build_table(3, summaries(tmp_path))
+    assert table.ours.loc["naclip_3", "voc21"] == 41.0
+    assert table.paper.loc["naclip_3"].isna().all()  # the paper has no such row
+
+
+def test_a_variant_without_a_row_is_named(monkeypatch, caplog, fresh_layout):
+    from sclip_lab.tables import layout
+
+    read = layout.sweep
+
+    def sweep(number):
+        config = read(number)
+        config.variants.append("attention=local window=9")
+        return config
+
+    monkeypatch.setattr(layout, "sweep", sweep)
+    with caplog.at_level(logging.WARNING):
+        keys = [r.key for r in mt.table_spec(3).rows]
+    assert "local_9" not in keys
+    assert "variant 'attention=local window=9' has no entry in rows:" in caplog.text

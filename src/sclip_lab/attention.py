@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 HEAD_TEMPERATURE = 8.0  # √d_h for the 64-wide heads of every CLIP ViT
+# CSA as published: the projection set {W_q, W_k}, their attentions summed, τ = 8.
+DEFAULT_PROJECTION = "qk"
+DEFAULT_COMBINE = "sum"
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,13 @@ def split_heads(x: Tensor, heads: int) -> Tensor:
 
 def merge_heads(x: Tensor) -> Tensor:
     """``(B, heads, N, d_h) -> (B, N, heads·d_h)``."""
-    B, H, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, H * d)
+    B, heads, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, heads * d)
 
 
 def softmax_attention(a: Tensor, b: Tensor, temperature: float = HEAD_TEMPERATURE) -> Tensor:
-    """``softmax(a bᵀ / τ)`` over the last axis; ``(B, h, N, d) × (B, h, N, d) -> (B, h, N, N)``.
+    """``softmax(a bᵀ / τ)`` over the last axis: ``(B, heads, N, d)`` twice ->
+    ``(B, heads, N, N)``.
 
     The softmax runs in fp32 so that fp16 models do not saturate at small τ.
     """
@@ -162,8 +166,8 @@ def early(x: AttentionInputs, layer: int = 1) -> Tensor:
 @register_attention("maskclip")
 def maskclip(x: AttentionInputs) -> Tensor:
     """Identity attention: every token keeps its own value (MaskCLIP; local with k = 1)."""
-    B, H, N, _ = x.q.shape
-    return torch.eye(N, dtype=x.q.dtype, device=x.q.device).expand(B, H, N, N)
+    B, heads, N, _ = x.q.shape
+    return torch.eye(N, dtype=x.q.dtype, device=x.q.device).expand(B, heads, N, N)
 
 
 @register_attention("clearclip", residual=False)
@@ -207,7 +211,7 @@ def project(x: AttentionInputs, p: Projection) -> Tensor:
 def csa(
     x: AttentionInputs,
     projections: Sequence[Projection] = ("q", "k"),
-    combine: str = "sum",
+    combine: str = DEFAULT_COMBINE,
     temperature: float = HEAD_TEMPERATURE,
 ) -> Tensor:
     """SCLIP's correlative self-attention: Σ or mean over W of ``softmax(R_h R_hᵀ / τ)``,

@@ -1,22 +1,17 @@
-"""Where the Hydra configs live, and the resolvers they use."""
+"""Where the Hydra configs live, the resolvers they use, and how a variant entry reads."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Mapping
+import shlex
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
+import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
+from sclip_lab.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PAPER_SHORT_SIDE = {"cityscapes": 560}
-
-# The parts of a resolved config that determine a run's numbers (top-level knobs such as
-# n or window reach them by interpolation); speed, paths and logging are left out.
-RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
-               "text", "precision", "limit")
 
 
 def paper_short_side(dataset: str) -> int:
@@ -29,11 +24,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("paper_short_side", paper_short_side)
 
 
-def result_key(config: Mapping[str, Any]) -> str:
-    """Hash of the result-relevant part of a resolved config (the sweep resume key)."""
-    relevant = {k: config.get(k) for k in RESULT_KEYS}
-    blob = json.dumps(relevant, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def variant_overrides(entry: str) -> list[str]:
+    """``"local window=5"`` or ``"attention=local window=5"`` -> Hydra overrides."""
+    tokens = shlex.split(str(entry))
+    if not tokens:
+        raise ConfigError("a variant entry is empty; write e.g. 'attention=local window=5'")
+    if "=" not in tokens[0]:
+        tokens[0] = f"attention={tokens[0]}"
+    return tokens
 
 
 register_resolvers()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-IGNORE_INDEX = 255
+from sclip_lab.data import IGNORE_INDEX
 
 
 class SegmentationMetrics(MulticlassConfusionMatrix):

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -163,6 +164,14 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
     info = {"arch": built, "pretrained": pretrained, "precision": prec, "device": str(dev),
             "quick_gelu": bool(quick_gelu), "openai_format": bool(openai)}
     return model, info
+
+
+def clip_from_section(model: Mapping[str, Any], precision: str = "auto", device: str = "auto"
+                      ) -> tuple[nn.Module, dict]:
+    """``load_clip`` for a ``model`` config section (arch, pretrained, quick_gelu,
+    config_file)."""
+    return load_clip(model["arch"], str(model["pretrained"]), precision, device,
+                     model.get("quick_gelu"), model.get("config_file"))
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor
 from sclip_lab import attention as attn
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError, integer, number
-from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, load_clip, patch_logits
+from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section, patch_logits
 from sclip_lab.text import classifier, split_queries
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,16 @@ class Preprocess:
                         self.short_side)
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> Preprocess:
+    def from_section(cls, section: Mapping[str, Any] | Preprocess) -> Preprocess:
+        if isinstance(section, Preprocess):
+            return section
         return cls(*(integer(section[k], f"preprocess.{k}", 1)
                      for k in ("short_side", "window", "stride")))
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        """``(H, W, 3)`` uint8 RGB -> ``(3, Hr, Wr)``: the only place the short side is
+        applied (DataLoader workers call it too)."""
+        return segment.preprocess(image, self.short_side)
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,11 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
         variant = attn.get_variant(name)
     except ValueError as e:
         raise ConfigError(f"{e} (attention=<name>)") from None
+    unknown = sorted(set(attention) - {"name"} - set(variant.params))
+    if unknown:
+        knobs = ", ".join(k for k in variant.params if k != "projections") or "none"
+        raise ConfigError(f"attention={name} has no knob {unknown[0]!r} (its knobs: {knobs}); "
+                          f"drop attention.{unknown[0]}")
     if projection is not None and name != "csa":
         raise ConfigError(f"attention={name} has no projection; projection={projection['name']}"
                           " applies to attention=csa only (drop the projection override)")
@@ -105,14 +117,14 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
     if name == "naclip":
         params["sigma"] = number(attention.get("sigma", 5.0), "sigma", above=0)
     if name == "csa":
-        proj = dict(projection or {"name": "qk", "combine": "sum"})
+        proj = dict(projection or {"name": attn.DEFAULT_PROJECTION})
         mode = proj.get("name")
         if mode not in attn.PROJECTIONS:
             raise ConfigError(f"unknown projection={mode!r}; "
                               f"choose one of {list(attn.PROJECTIONS)}")
         n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
         trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
-        combine = attention.get("combine") or proj.get("combine") or "sum"
+        combine = attention.get("combine") or proj.get("combine") or attn.DEFAULT_COMBINE
         if combine not in attn.COMBINES:
             raise ConfigError(f"combine={combine!r}; choose one of {list(attn.COMBINES)}")
         block = encoder.visual.transformer.resblocks[-1]
@@ -193,7 +205,7 @@ class Segmenter:
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = ()
                ) -> list[WindowGroup]:
-        """Trunk outputs of every sliding window of ``images`` (each ``(3, h, w)``),
+        """Trunk outputs of every sliding window of ``images`` (each ``(3, Hr, Wr)``),
         batched across images by window size, keeping ``early_layers``' attention maps."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
@@ -248,6 +260,11 @@ class Segmenter:
             yield [self.refined(lg, r, head.refine)
                    for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
 
+    def classes(self, logits: Tensor) -> Tensor:
+        """``(Q, H, W)`` logits -> ``(H, W)`` int64 class map: logit scale, synonym max,
+        thresholds (the post-processing after any refinement)."""
+        return segment.predict_classes(logits, self.post)
+
     def logits_many(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                     heads: Sequence[Head] | None = None) -> list[list[Tensor]]:
         """``[head][image] -> (Q, H, W)`` for preprocessed images, one shared trunk pass."""
@@ -257,17 +274,14 @@ class Segmenter:
                size: tuple[int, int] | None = None) -> Tensor:
         """``(Q, H, W)`` stitched cosine logits of one image under the default head.
 
-        Pass either the ``(H, W, 3)`` uint8 image, or its preprocessed ``(3, h, w)`` tensor
+        Pass either the ``(H, W, 3)`` uint8 image, or its preprocessed ``(3, Hr, Wr)`` tensor
         (``resized``, e.g. from a DataLoader worker) together with the original ``size``.
         """
         if resized is None:
             size = image.shape[:2]
-            resized = segment.preprocess(image, self.prep.short_side)
+            resized = self.prep(image)
         return self.logits_many([resized], [tuple(size)], self.heads[:1])[0][0]
 
-    def predict(self, image: np.ndarray | None = None, **kw) -> Tensor:
-        """``(H, W)`` int64 class map under the default head."""
-        return segment.predict_classes(self.logits(image, **kw), self.post)
 
 
 def build_segmenter(
@@ -275,7 +289,7 @@ def build_segmenter(
     model: Mapping[str, Any],
     attention: Mapping[str, Any],
     projection: Mapping[str, Any] | None,
-    preprocess: Mapping[str, Any],
+    preprocess: Mapping[str, Any] | Preprocess,
     postprocess: Mapping[str, Any] | None,
     classes: Sequence[str],
     logit_scale: float,
@@ -293,8 +307,7 @@ def build_segmenter(
     batch_size = integer(batch_size, "batch_size", 1)
     if not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
-    clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
-                           model.get("quick_gelu"), model.get("config_file"))
+    clip, info = clip_from_section(model, precision, device)
     encoder = DenseEncoder(clip.visual)
     if prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "

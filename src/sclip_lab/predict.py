@@ -14,28 +14,13 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from sclip_lab import data, segment, viz
-from sclip_lab.errors import ConfigError, check_writable_dir, hydra_entry, number
-from sclip_lab.run import segmenter_from_config
-from sclip_lab.tracking import atomic_target
+from sclip_lab import data, viz
+from sclip_lab.build import segmenter_from_config, vocabulary
+from sclip_lab.cli import hydra_entry
+from sclip_lab.errors import ConfigError, check_writable_dir
+from sclip_lab.files import atomic_target
 
 log = logging.getLogger("sclip_lab")
-
-
-def vocabulary(cfg: DictConfig) -> tuple[list[str], float, float, float | None]:
-    """(class lines, logit scale, prob_thd, area_thd) from ``classes=`` or ``dataset=``."""
-    if cfg.classes is not None:
-        classes = [cfg.classes] if isinstance(cfg.classes, str) else list(cfg.classes)
-        classes = [str(c).strip() for c in classes if str(c).strip()]
-        if not classes:
-            raise ConfigError("classes=[] is empty; give e.g. classes=\"[cat, dog, grass]\"")
-        if len(set(classes)) != len(classes):
-            dup = sorted({c for c in classes if classes.count(c) > 1})
-            log.warning("classes= lists %s more than once: the first one wins every tie",
-                        ", ".join(dup))
-        return classes, number(cfg.logit_scale, "logit_scale", above=0), 0.0, None
-    spec = data.spec_from_config(cfg.dataset)
-    return list(spec.classes), spec.logit_scale, spec.prob_thd, spec.area_thd
 
 
 def predict(cfg: DictConfig) -> np.ndarray:
@@ -52,7 +37,7 @@ def predict(cfg: DictConfig) -> np.ndarray:
     classes, scale, prob_thd, area_thd = vocabulary(cfg)
     segmenter, info = segmenter_from_config(cfg, classes, scale, prob_thd, area_thd)
     logits = segmenter.logits(image)
-    pred = segment.predict_classes(logits, segmenter.post).cpu().numpy()
+    pred = segmenter.classes(logits).cpu().numpy()
     with atomic_target(output) as tmp:
         viz.save_palette_png(pred, tmp)
     if cfg.logits:

@@ -11,55 +11,40 @@ finished record (same result key) already exists there are skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-import re
-import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sclip_lab import data, segment, viz
-from sclip_lab.config import result_key
-from sclip_lab.errors import (
-    ConfigError,
-    UserError,
-    check_writable_dir,
-    clear_failed,
-    hydra_entry,
-    integer,
-    mark_failed,
-    message_of,
-)
+from sclip_lab import data, viz
+from sclip_lab.build import head_from_config, segmenter_from_config, slug, variant_configs
+from sclip_lab.cli import hydra_entry
+from sclip_lab.errors import UserError, check_writable_dir, integer, message_of
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
-from sclip_lab.pipeline import Segmenter, build_head, build_segmenter
-from sclip_lab.tracking import (
-    RESULT_FILE,
-    Tracker,
-    check_logger,
-    environment,
-    summary_of,
-    write_json_atomic,
+from sclip_lab.pipeline import Preprocess, Segmenter
+from sclip_lab.records import (
+    METRICS,
+    build_record,
+    clear_failed,
+    finished_records,
+    mark_failed,
+    result_key,
+    write_record,
 )
+from sclip_lab.tracking import Tracker, check_logger
 
 log = logging.getLogger("sclip_lab")
-
-# What a variant may change: everything after the shared trunk.
-VARIANT_KEYS = ("attention", "projection", "postprocess")
-SHARED_KEYS = ("model", "dataset", "preprocess", "text", "precision", "limit", "data_root")
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -69,33 +54,6 @@ def seed_everything(seed: int) -> None:
 
 def _as_list(batch: list) -> list:
     return batch
-
-
-def slug(overrides: str) -> str:
-    """A directory name for a variant's override string."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", overrides).strip("-") or "default"
-
-
-# ------------------------------------------------------------------------------ records
-
-
-def finished_records(root: str | Path | None) -> dict[str, Path]:
-    """result key -> record path, for every finished ``result.json`` under ``root``."""
-    found: dict[str, Path] = {}
-    if not root:
-        return found
-    if Path(root).exists() and not Path(root).is_dir():
-        raise ConfigError(f"resume_root={root} is a file; point it at a sweep directory")
-    if not Path(root).is_dir():
-        return found
-    for path in Path(root).rglob(RESULT_FILE):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if rec.get("status") == "finished" and rec.get("key"):
-            found[rec["key"]] = path
-    return found
 
 
 # ----------------------------------------------------------------------------- variants
@@ -114,76 +72,7 @@ class Job:
     seconds: float = 0.0
 
 
-def variant_overrides(entry: str) -> list[str]:
-    """``"local window=5"`` or ``"attention=local window=5"`` -> Hydra overrides."""
-    tokens = shlex.split(str(entry))
-    if not tokens:
-        raise ConfigError("a variant entry is empty; write e.g. 'attention=local window=5'")
-    if "=" not in tokens[0]:
-        tokens[0] = f"attention={tokens[0]}"
-    return tokens
-
-
-def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compose=None
-                    ) -> list[tuple[str, DictConfig]]:
-    """``[(label, config)]``: the job's own config, or one per variant entry.
-
-    Each entry (default: ``cfg.variants``) is a string of overrides, ``"attention=local
-    window=5"`` (or ``"local window=5"``), composed on top of this job's overrides; variants
-    may change only attention, projection, their knobs and post-processing (what comes
-    after the shared trunk). ``compose(overrides) -> config`` defaults to Hydra's.
-    """
-    entries = cfg.get("variants") if entries is None else entries
-    if not entries:
-        return [("", cfg)]
-    if compose is None:
-        from hydra import compose as hydra_compose
-
-        job = HydraConfig.get()
-        base = [o for o in job.overrides.task if not o.startswith(("variants=", "+variants="))]
-        compose = partial(_compose_variant, hydra_compose, job.job.config_name, base)
-    out = []
-    for entry in entries:
-        try:
-            vcfg = compose(variant_overrides(entry))
-        except Exception as e:  # Hydra's own errors name the unknown group or option
-            raise ConfigError(f"variant '{entry}': {str(e).splitlines()[0]}") from None
-        for key in SHARED_KEYS:
-            if OmegaConf.select(vcfg, key) != OmegaConf.select(cfg, key):
-                raise ConfigError(f"variant '{entry}' changes {key}; variants may only change "
-                                  f"{', '.join(VARIANT_KEYS)} and their knobs — sweep {key} "
-                                  "as separate jobs")
-        out.append((str(entry), vcfg))
-    return out
-
-
-def _compose_variant(hydra_compose, config_name: str, base: list[str], overrides: list[str]):
-    cfg = hydra_compose(config_name=config_name, overrides=base + overrides)
-    with open_dict(cfg):
-        cfg.variants = None
-    return cfg
-
-
 # ---------------------------------------------------------------------------- evaluation
-
-
-def segmenter_from_config(cfg: DictConfig, classes, logit_scale: float, prob_thd: float,
-                          area_thd: float | None) -> tuple[Segmenter, dict]:
-    """``build_segmenter`` with the sections of a composed run/predict config."""
-    return build_segmenter(
-        model=cfg.model, attention=cfg.attention, projection=cfg.get("projection"),
-        preprocess=cfg.preprocess, postprocess=cfg.get("postprocess"), classes=list(classes),
-        logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
-        templates=cfg.text.templates, device=cfg.device, precision=cfg.precision,
-        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, learned=learned_of(cfg))
-
-
-def learned_of(cfg: DictConfig):
-    if cfg.get("projection") is None or cfg.projection.name != "learned":
-        return None
-    from sclip_lab.learn import learned_projection
-
-    return learned_projection(cfg)
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -215,10 +104,10 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         from sclip_lab.prepare import ensure_ready
 
         ensure_ready(spec, root, auto_prepare=bool(base.auto_prepare))
-    transform = partial(segment.preprocess, short_side=int(base.preprocess.short_side))
-    dataset = data.build_dataset(base.dataset, root, base.limit, transform)
+    prep = Preprocess.from_section(base.preprocess)
+    dataset = data.build_dataset(base.dataset, root, base.limit, prep)
     segmenter, info = segmenter_from_config(base, spec.classes, spec.logit_scale,
-                                            spec.prob_thd, spec.area_thd)
+                                            spec.prob_thd, spec.area_thd, prep)
     jobs = [jobs[0]] + add_heads(segmenter, jobs[1:])
     for job in jobs:
         job.metric = SegmentationMetrics(spec.num_classes).to(segmenter.device)
@@ -239,7 +128,7 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
                                             [tuple(lb.shape) for lb in labels])
             for job, head_logits in zip(jobs, per_head):
                 for it, label, logits in zip(items, labels, head_logits):
-                    pred = segment.predict_classes(logits, segmenter.post)
+                    pred = segmenter.classes(logits)
                     job.metric.update(pred, label)
                     if len(job.overlays) < keep:
                         job.overlays.append((it["id"], it["image"], pred.cpu().numpy()))
@@ -270,8 +159,7 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
     kept = []
     for job in jobs:
         try:
-            head = build_head(job.cfg.attention, job.cfg.get("projection"),
-                              job.cfg.get("postprocess"), segmenter.encoder, learned_of(job.cfg))
+            head = head_from_config(job.cfg, segmenter.encoder)
         except UserError as e:
             log.error("variant [%s] skipped: %s", job.label, e)
             mark_failed(job.run_dir, e)
@@ -288,7 +176,7 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     scores = job.metric.compute()
     per_class = {name: (None if torch.isnan(v) else round(float(v), 4))
                  for name, v in zip(spec.classes, scores["per_class_iou"])}
-    metrics = {k: float(scores[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    metrics = {k: float(scores[k]) for k in METRICS}
     label = job.label or job.cfg.attention.name
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
@@ -297,26 +185,11 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
-    summary = summary_of(config, metrics, info, num_images)
-    record = {
-        "status": "finished",
-        "key": job.key,
-        "summary": summary,
-        "sweep": config.get("sweep"),
-        "variant": job.label or None,
-        "metrics": metrics,
-        "per_class_iou": per_class,
-        "num_images": num_images,
-        "model": dict(info),
-        "timings": dict(timings),
-        "config": config,
-        **environment(),
-    }
+    record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
+                          job.label)
     # The record first: nothing that happens to the logging afterwards can lose it.
-    write_json_atomic(job.run_dir / RESULT_FILE, record)
-    clear_failed(job.run_dir)
-    print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> "
-          f"{job.run_dir / RESULT_FILE}")
+    path = write_record(job.run_dir, record)
+    print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
     tracker = Tracker(config["logger"], job.run_dir)
     sweep = config.get("sweep") or {}
     tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.label) if job.label else ''}",
@@ -324,8 +197,8 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
                   tags=[t for t in (spec.name, job.cfg.attention.name, sweep.get("table"))
                         if t])
     n_log = int(job.cfg.logger.get("num_overlays", 0) or 0)
-    tracker.log_result(summary, per_class, [(img_id, viz.overlay(image, pred))
-                                            for img_id, image, pred in job.overlays[:n_log]])
+    tracker.log_result(record["summary"], per_class, [
+        (img_id, viz.overlay(image, pred)) for img_id, image, pred in job.overlays[:n_log]])
     tracker.finish(True)
     return record
 

@@ -1,8 +1,9 @@
 """Images to class maps: resize, sliding windows, stitching, post-processing (docs/protocol.md §5).
 
-Shapes: an image is ``(H, W, 3)`` uint8 RGB before normalisation, ``(3, h, w)`` float32
-after; logits are ``(Q, H, W)`` cosine similarities (one plane per text query);
-probabilities ``(C, H, W)`` after the synonym max; predictions ``(H, W)`` int64.
+Shapes: an image is ``(H, W, 3)`` uint8 RGB before normalisation, ``(3, Hr, Wr)`` float32
+after resizing (``h×w`` is always a patch grid); logits are ``(Q, H, W)`` cosine
+similarities (one plane per text query); probabilities ``(C, H, W)`` after the synonym
+max; predictions ``(H, W)`` int64.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def resize_image(image: np.ndarray, short_side: int) -> np.ndarray:
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
-    """``(h, w, 3)`` uint8 RGB -> ``(3, h, w)`` float32, (x − mean) / std on 0–255 values."""
+    """``(Hr, Wr, 3)`` uint8 RGB -> ``(3, Hr, Wr)`` float32, (x − mean) / std on 0–255 values."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)
@@ -46,7 +47,7 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 
 
 def preprocess(image: np.ndarray, short_side: int) -> torch.Tensor:
-    """The whole image side of the protocol: resize then normalise -> ``(3, h, w)``."""
+    """The whole image side of the protocol: resize then normalise -> ``(3, Hr, Wr)``."""
     return normalize(resize_image(image, short_side))
 
 

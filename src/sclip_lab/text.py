@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sclip_lab.errors import ConfigError
-from sclip_lab.tracking import atomic_target
+from sclip_lab.files import atomic_target
 
 log = logging.getLogger(__name__)
 

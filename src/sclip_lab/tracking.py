@@ -1,4 +1,4 @@
-"""Where results go: a local ``result.json`` always, a W&B run unless ``logger=none``.
+"""The W&B side of a run (``logger=wandb``); the local record is ``records``' job.
 
 W&B never prompts: the mode is decided before ``wandb.init`` (online only when the user
 is logged in, i.e. ``WANDB_API_KEY`` or a netrc entry exists; ``WANDB_MODE`` wins).
@@ -6,17 +6,10 @@ is logged in, i.e. ``WANDB_API_KEY`` or a netrc entry exists; ``WANDB_MODE`` win
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import netrc
 import os
-import platform
-import subprocess
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from importlib import metadata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,53 +17,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 INIT_TIMEOUT_S = 30.0  # longest wait for wandb.init (a key but no network: ~100 s)
-PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-core", "wandb",
-            "numpy", "opencv-python-headless", "sclip_lab")
-
-
-def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
-               info: Mapping[str, Any] | None = None, num_images: int | None = None
-               ) -> dict[str, Any]:
-    """The flat row that sweeps and tables read (one per record, also the W&B summary).
-
-    Args:
-        config: a resolved run config.
-        metrics: ``mIoU``, ``aAcc``, ``mAcc``.
-        info: what loading resolved (``arch``, ``precision``); default: the config's.
-        num_images: images evaluated.
-    """
-    info = info or {}
-    att, proj = config["attention"], config.get("projection")
-    name = att["name"]
-    # csa without a projection group runs its default, qk (conf/run.yaml).
-    projection = (proj or {"name": "qk"}) if name == "csa" else None
-    random_proj = projection is not None and projection["name"] == "random"
-    return {
-        "dataset": config["dataset"]["name"],
-        "model": info.get("arch", config["model"]["arch"]),
-        "pretrained": str(config["model"]["pretrained"]),
-        "attention": name,
-        "projection": None if projection is None else projection["name"],
-        "n": projection.get("n") if random_proj else None,
-        "trial": projection.get("trial") if random_proj else None,
-        "combine": (att.get("combine") or projection.get("combine") or "sum")
-        if projection is not None else None,
-        "temperature": att.get("temperature"),
-        "window": att.get("window"),
-        "layer": att.get("layer"),
-        "sigma": att.get("sigma"),
-        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
-        "short_side": config["preprocess"]["short_side"],
-        "crop": config["preprocess"]["window"],
-        "stride": config["preprocess"]["stride"],
-        "precision": info.get("precision", config.get("precision")),
-        "num_images": num_images,
-        "limit": config.get("limit"),
-        **{k: None if metrics.get(k) is None else float(metrics[k])
-           for k in ("mIoU", "aAcc", "mAcc")},
-    }
 
 
 def wandb_logged_in() -> bool:
@@ -115,75 +62,6 @@ def wandb_mode(requested: str = "auto") -> str:
                     "`wandb login`, then `python -m sclip_lab.sync` to upload)")
         return "offline"
     return requested
-
-
-def git_commit() -> str | None:
-    """``<sha>`` of the checkout this package runs from, ``+dirty`` with local changes."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment() -> dict[str, Any]:
-    """Library versions, python, platform and git commit for the record."""
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {"versions": versions, "python": platform.python_version(),
-            "platform": platform.platform(), "git_commit": git_commit()}
-
-
-@contextmanager
-def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one
-    rename, on failure it is removed: a reader never sees half a file. The file gets the
-    usual permissions of a user's file (mkstemp alone would make it 0600)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write strict JSON atomically (``atomic_target``); non-finite floats become null,
-    as JSON has no NaN."""
-    with atomic_target(path) as tmp, open(tmp, "w") as f:
-        json.dump(_finite(payload), f, indent=2, default=_jsonable, allow_nan=False)
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with every NaN/inf float (also numpy scalars and arrays) replaced by None."""
-    if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray | np.generic) or hasattr(obj, "tolist"):
-        return _finite(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _jsonable(obj: Any) -> Any:
-    return str(obj)
 
 
 class Tracker:

@@ -25,11 +25,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sclip_lab import data, segment, viz
-from sclip_lab.errors import ConfigError, check_writable_dir, hydra_entry, integer
-from sclip_lab.model import DenseEncoder, LastBlock, load_clip
+from sclip_lab.build import learned_of, segmenter_from_config, variant_configs, vocabulary
+from sclip_lab.cli import hydra_entry
+from sclip_lab.errors import ConfigError, check_writable_dir, integer
+from sclip_lab.model import DenseEncoder, LastBlock, clip_from_section
 from sclip_lab.pipeline import build_head, build_last_block
-from sclip_lab.predict import vocabulary
-from sclip_lab.run import learned_of, segmenter_from_config, variant_configs
 
 log = logging.getLogger("sclip_lab")
 
@@ -125,8 +125,7 @@ def point_maps(attn: Tensor, tokens: Sequence[int], grid: tuple[int, int]) -> np
 def load_encoder(model: Mapping[str, Any], device: str, precision: str
                  ) -> tuple[DenseEncoder, dict]:
     """``DenseEncoder`` of ``cfg.model``."""
-    clip, info = load_clip(model["arch"], str(model["pretrained"]), precision, device,
-                           model.get("quick_gelu"), model.get("config_file"))
+    clip, info = clip_from_section(model, precision, device)
     return DenseEncoder(clip.visual), info
 
 
@@ -136,7 +135,7 @@ def attention_maps(encoder: DenseEncoder, resized: Tensor, tokens: Sequence[int]
     """One whole-image trunk pass, then every variant's point rows.
 
     Args:
-        resized: ``(3, h, w)`` normalised image (positional embeddings are interpolated to
+        resized: ``(3, Hr, Wr)`` normalised image (positional embeddings are interpolated to
             its grid).
         tokens: P patch token indices.
         lasts: label -> built last block.
@@ -235,9 +234,9 @@ def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     for _, v in entries[1:]:
         segmenter.heads.append(build_head(v.attention, v.get("projection"), v.get("postprocess"),
                                           segmenter.encoder, learned_of(v)))
-    resized = segment.preprocess(image, segmenter.prep.short_side)
+    resized = segmenter.prep(image)
     per_head = segmenter.logits_many([resized], [image.shape[:2]])
-    preds = {label: segment.predict_classes(logits[0], segmenter.post).cpu().numpy()
+    preds = {label: segmenter.classes(logits[0]).cpu().numpy()
              for (label, _), logits in zip(entries, per_head)}
     names = viz.class_names(classes, has_background=prob_thd > 0)
     log.info("%s: %d classes, %s %s", cfg.image, len(classes), info["arch"], info["precision"])

@@ -2,8 +2,9 @@
 
 Source: Wang, Mei, Yuille, "SCLIP: Rethinking Self-Attention for Dense Vision-Language
 Inference" (ECCV 2024, arXiv:2312.01597), Tables 1–4. Table 3's values were checked against
-the typeset table (text extractions of the PDF garble it). Keys are the
-row ids that ``make_tables`` uses and the dataset names of docs/protocol.md §6.
+the typeset table (text extractions of the PDF garble it). Keys are the row ids (``key:``
+of the ``rows:`` in ``conf/sweep/tableN.yaml``; Table 4: the ``preprocess`` modes) and the
+dataset names of docs/protocol.md §6, listed in the paper's column order.
 """
 
 from __future__ import annotations

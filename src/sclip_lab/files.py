@@ -1,0 +1,58 @@
+"""Files that are never seen half-written."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextmanager
+def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one
+    rename, on failure it is removed: a reader never sees half a file. The file gets the
+    usual permissions of a user's file (mkstemp alone would make it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write strict JSON atomically (``atomic_target``); non-finite floats become null,
+    as JSON has no NaN."""
+    with atomic_target(path) as tmp, open(tmp, "w") as f:
+        json.dump(_finite(payload), f, indent=2, default=_jsonable, allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float (also numpy scalars and arrays) replaced by None."""
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray | np.generic) or hasattr(obj, "tolist"):
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _jsonable(obj: Any) -> Any:
+    return str(obj)

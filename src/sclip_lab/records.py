@@ -1,0 +1,226 @@
+"""The record of an evaluation: ``result.json``, its summary row, its key, reading it back.
+
+One record per finished evaluation (and per variant of a shared-trunk pass), written
+atomically when its metric is computed. Resume (``run``) and tables (``make_tables``) read
+records only through this module. A job or variant that failed leaves ``failed.json``
+where its record would have gone instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import subprocess
+import traceback
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sclip_lab.attention import DEFAULT_COMBINE, DEFAULT_PROJECTION
+from sclip_lab.errors import ConfigError, message_of
+from sclip_lab.files import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+FAILED_FILE = "failed.json"
+FINISHED = "finished"
+METRICS = ("mIoU", "aAcc", "mAcc")
+PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-core", "wandb",
+            "numpy", "opencv-python-headless", "sclip_lab")
+# The parts of a resolved config that determine a run's numbers (top-level knobs such as
+# n or window reach them by interpolation); speed, paths and logging are left out.
+RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
+               "text", "precision", "limit")
+
+
+def result_key(config: Mapping[str, Any]) -> str:
+    """Hash of the result-relevant part of a resolved config (the sweep resume key)."""
+    relevant = {k: config.get(k) for k in RESULT_KEYS}
+    if isinstance(relevant["dataset"], Mapping):  # where archives come from changes no number
+        relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"}
+    blob = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
+               info: Mapping[str, Any] | None = None, num_images: int | None = None
+               ) -> dict[str, Any]:
+    """The flat row that sweeps and tables read (one per record, also the W&B summary).
+
+    Args:
+        config: a resolved run config.
+        metrics: ``mIoU``, ``aAcc``, ``mAcc``.
+        info: what loading resolved (``arch``, ``precision``); default: the config's.
+        num_images: images evaluated.
+    """
+    info = info or {}
+    att, proj = config["attention"], config.get("projection")
+    name = att["name"]
+    # csa without a projection group runs its default projection set (qk).
+    projection = (proj or {"name": DEFAULT_PROJECTION}) if name == "csa" else None
+    random_proj = projection is not None and projection["name"] == "random"
+    return {
+        "dataset": config["dataset"]["name"],
+        "model": info.get("arch", config["model"]["arch"]),
+        "pretrained": str(config["model"]["pretrained"]),
+        "attention": name,
+        "projection": None if projection is None else projection["name"],
+        "n": projection.get("n") if random_proj else None,
+        "trial": projection.get("trial") if random_proj else None,
+        "combine": (att.get("combine") or projection.get("combine") or DEFAULT_COMBINE)
+        if projection is not None else None,
+        "temperature": att.get("temperature"),
+        "window": att.get("window"),
+        "layer": att.get("layer"),
+        "sigma": att.get("sigma"),
+        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
+        "short_side": config["preprocess"]["short_side"],
+        "crop": config["preprocess"]["window"],
+        "stride": config["preprocess"]["stride"],
+        "precision": info.get("precision", config.get("precision")),
+        "num_images": num_images,
+        "limit": config.get("limit"),
+        **{k: None if metrics.get(k) is None else float(metrics[k]) for k in METRICS},
+    }
+
+
+def git_commit() -> str | None:
+    """``<sha>`` of the checkout this package runs from, ``+dirty`` with local changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return sha + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, python, platform and git commit for the record."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"versions": versions, "python": platform.python_version(),
+            "platform": platform.platform(), "git_commit": git_commit()}
+
+
+def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
+                 per_class: Mapping[str, float | None], info: Mapping[str, Any],
+                 num_images: int, timings: Mapping[str, float], variant: str | None = None
+                 ) -> dict[str, Any]:
+    """A finished evaluation's record (``config`` resolved, metrics in %)."""
+    return {
+        "status": FINISHED,
+        "key": key,
+        "summary": summary_of(config, metrics, info, num_images),
+        "sweep": config.get("sweep"),
+        "variant": variant or None,
+        "metrics": dict(metrics),
+        "per_class_iou": dict(per_class),
+        "num_images": num_images,
+        "model": dict(info),
+        "timings": dict(timings),
+        "config": dict(config),
+        **environment(),
+    }
+
+
+def write_record(run_dir: Path, record: Mapping[str, Any]) -> Path:
+    """``run_dir/result.json``, atomically; a failed.json of an earlier attempt goes."""
+    path = Path(run_dir) / RESULT_FILE
+    write_json_atomic(path, record)
+    clear_failed(run_dir)
+    return path
+
+
+def mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Leave ``failed.json`` (error and traceback) where a record would have gone."""
+    try:
+        write_json_atomic(Path(run_dir) / FAILED_FILE, {
+            "status": "failed", "error": f"{type(error).__name__}: {message_of(error)}",
+            "traceback": traceback.format_exc()})
+    except OSError as e:  # the failure itself is already on the console
+        log.warning("could not write %s in %s (%s)", FAILED_FILE, run_dir, e)
+
+
+def clear_failed(run_dir: Path) -> None:
+    """A job or variant that now succeeded drops the failed.json of an earlier attempt."""
+    (Path(run_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def failed_jobs(root: Path) -> list[tuple[Path, str]]:
+    """``[(failed.json path, its error line)]`` under ``root``."""
+    out = []
+    for path in sorted(Path(root).rglob(FAILED_FILE)):
+        try:
+            error = json.loads(path.read_text()).get("error", "?")
+        except (OSError, ValueError):
+            error = "unreadable failed.json"
+        out.append((path, str(error)))
+    return out
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path`` if it is a finished one; None for anything else.
+
+    Raises:
+        OSError, ValueError: the file cannot be read or is not JSON.
+    """
+    payload = json.loads(Path(path).read_text())
+    if not isinstance(payload, Mapping) or payload.get("status") != FINISHED:
+        return None
+    return dict(payload)
+
+
+def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(path, record)`` of every finished record under ``root`` (any depth, path order);
+    unreadable files are skipped with a warning."""
+    for path in sorted(Path(root).rglob(RESULT_FILE)):
+        try:
+            record = read_record(path)
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable %s: %s", path, e)
+            continue
+        if record is not None:
+            yield path, record
+
+
+def finished_records(root: str | Path | None) -> dict[str, Path]:
+    """result key -> record path, for every finished record under ``root`` (resume)."""
+    if not root:
+        return {}
+    if Path(root).exists() and not Path(root).is_dir():
+        raise ConfigError(f"resume_root={root} is a file; point it at a sweep directory")
+    if not Path(root).is_dir():
+        return {}
+    found = {}
+    for path, record in iter_records(root):
+        if record.get("key"):
+            found[record["key"]] = path
+    return found
+
+
+def summary_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The summary row of a record (or of a W&B run's summary + config), normalised:
+    derived from the config when an older record has none; None without dataset/mIoU."""
+    summary = record.get("summary")
+    if not isinstance(summary, Mapping) or "dataset" not in summary:
+        config = record.get("config")
+        if not isinstance(config, Mapping):
+            return None
+        try:
+            summary = summary_of(config, record.get("metrics") or summary or {})
+        except (KeyError, TypeError):  # not a run config
+            return None
+    if summary.get("mIoU") is None or summary.get("dataset") is None:
+        return None
+    return dict(summary)

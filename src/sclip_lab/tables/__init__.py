@@ -1,0 +1,55 @@
+"""The paper's Tables 1–4 rebuilt from result records, beside the paper's numbers.
+
+``layout`` (rows from ``conf/sweep/tableN.yaml`` and ``conf/preprocess/modeK.yaml``,
+columns) → ``collect`` (records → cells) → ``render`` (CSV, console, LaTeX) and ``plot``
+(figures); ``paper`` holds the published values. ``analysis/make_tables.py`` is the CLI.
+"""
+
+from __future__ import annotations
+
+from sclip_lab.tables.collect import (
+    MIN_TRIALS,
+    Table,
+    build_table,
+    field_value,
+    flops_column,
+    load_local_records,
+    load_wandb_records,
+    matches,
+    pick_records,
+    preprocess_of,
+    select_model,
+    vit_for,
+)
+from sclip_lab.tables.layout import (
+    ABLATION_COLUMNS,
+    DEFAULT_SHORT_SIDE,
+    MISSING,
+    PAPER_SHORT_SIDE,
+    PRESETS,
+    TABLE1_COLUMNS,
+    TABLE_NUMBERS,
+    Row,
+    TableSpec,
+    preprocess_modes,
+    table_spec,
+    uncovered_variants,
+)
+from sclip_lab.tables.plot import plot_table
+from sclip_lab.tables.render import (
+    console_frame,
+    csv_frame,
+    display_frame,
+    latex_text,
+    to_latex,
+    write_table,
+)
+
+__all__ = [
+    "ABLATION_COLUMNS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING", "PAPER_SHORT_SIDE",
+    "PRESETS", "TABLE1_COLUMNS", "TABLE_NUMBERS", "Row", "Table", "TableSpec", "build_table",
+    "console_frame", "csv_frame", "display_frame", "field_value", "flops_column",
+    "latex_text", "load_local_records", "load_wandb_records", "matches", "pick_records",
+    "plot_table", "preprocess_modes", "preprocess_of", "select_model", "table_spec",
+    "to_latex", "uncovered_variants", "vit_for", "write_table",
+]

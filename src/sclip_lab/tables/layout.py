@@ -1,0 +1,230 @@
+"""Which rows and columns each table has, read from the configs that run its sweep.
+
+Tables 1–3: one row per entry of ``rows:`` in ``conf/sweep/tableN.yaml``, in that order::
+
+    rows:
+      - {variant: attention=local window=5, key: local_5, label: Local window=5,
+         latex: "Local attention, window $5$"}
+
+``variant`` is a sweep variant (its ``trial=`` left out: a random row averages the trials),
+``key`` the paper's row id (``paper``), ``label``/``latex`` the row labels (latex defaults
+to label). Table 4: one row per ``preprocess`` mode its sweep runs, with that mode's short
+side, window and stride (``conf/preprocess/modeK.yaml``) and the run's default method.
+
+The summary fields a record must match are not written down here: they are the summary
+row (``records.summary_of``) of the run config composed with the row's overrides, as
+``sclip_lab.run`` composes it. The columns are the paper's, in its order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sclip_lab.config import CONF_DIR, paper_short_side, variant_overrides
+from sclip_lab.errors import ConfigError, message_of
+from sclip_lab.records import summary_of
+from sclip_lab.tables.paper import (
+    ABLATION_DATASETS,
+    TABLE1,
+    TABLE1_AVG,
+    TABLE1_DATASETS,
+    TABLE2,
+    TABLE3,
+    TABLE4,
+)
+
+log = logging.getLogger(__name__)
+
+TABLE_NUMBERS = (1, 2, 3, 4)
+MISSING = "–"  # an empty cell
+AVG = "avg"  # Table 1's "Avg." column
+# The summary fields that tell variants apart; ``trial`` is averaged, not matched.
+MATCH_FIELDS = ("attention", "projection", "n", "combine", "temperature", "window", "layer",
+                "sigma", "postprocess")
+
+TABLE1_COLUMNS = dict(zip(TABLE1_DATASETS, ("VOC21", "Context60", "Object", "VOC20",
+                                                  "City.", "Ctx59", "ADE20k", "Stuff.")))
+ABLATION_COLUMNS = dict(zip(ABLATION_DATASETS, ("VOC21", "Context59", "COCO-Stuff")))
+
+# Tables 1–3 use the dataset's own preprocessing (conf/preprocess/dataset.yaml): its short
+# side (conf/dataset/*.yaml, the published code's) with these windows and stride.
+_DATASET_PREPROCESS = OmegaConf.load(CONF_DIR / "preprocess" / "dataset.yaml")
+DEFAULT_CROP, DEFAULT_STRIDE = int(_DATASET_PREPROCESS.window), int(_DATASET_PREPROCESS.stride)
+DEFAULT_SHORT_SIDE = {p.stem: int(OmegaConf.load(p).short_side)
+                      for p in sorted((CONF_DIR / "dataset").glob("*.yaml"))}
+# docs/protocol.md §9 "paper" preset: the paper's Table 1 setting, 336 everywhere but Cityscapes.
+PAPER_SHORT_SIDE = {name: paper_short_side(name) for name in DEFAULT_SHORT_SIDE}
+PRESETS = {"sclip": DEFAULT_SHORT_SIDE, "paper": PAPER_SHORT_SIDE}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a table and the records that may fill it.
+
+    Attributes:
+        key: the row id shared with ``paper``.
+        label: the row label in CSV, console and figures.
+        latex: the row label in LaTeX.
+        match: summary fields that must equal these values (see ``collect.field_value``).
+        preprocess: ``(short_side, crop, stride)``; None = the dataset's default.
+        trials: the row averages random-projection trials (mean ± std over ``trial``).
+    """
+
+    key: str
+    label: str
+    latex: str
+    match: Mapping[str, Any]
+    preprocess: tuple[int, int, int] | None = None
+    trials: bool = False
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its rows, dataset columns and the paper's values."""
+
+    number: int
+    title: str
+    index_name: str
+    rows: tuple[Row, ...]
+    columns: Mapping[str, str]  # dataset name -> column label
+    paper: Mapping[str, Mapping[str, float]]
+    paper_avg: Mapping[str, float] | None = None  # Table 1's "Avg." column
+
+
+# number -> (title, index name, columns, the paper's values, the paper's "Avg.")
+_TABLES = {
+    1: ("mIoU (%) on eight benchmarks, without and with PAMR (*)", "Method", TABLE1_COLUMNS,
+        TABLE1, TABLE1_AVG),
+    2: ("CSA projection matrices (random: mean ± std over trials)", "Mode", ABLATION_COLUMNS,
+        TABLE2, None),
+    3: ("Alternative approaches for feature localisation", "Approach", ABLATION_COLUMNS,
+        TABLE3, None),
+    4: ("Image preprocessing (short side, window, stride)", "Mode", ABLATION_COLUMNS,
+        TABLE4, None),
+}
+
+
+@cache
+def table_spec(number: int) -> TableSpec:
+    """The layout of the paper's Table ``number`` (1–4)."""
+    if number not in _TABLES:
+        raise ValueError(f"no table {number}; tables are {list(TABLE_NUMBERS)}")
+    title, index_name, columns, values, avg = _TABLES[number]
+    rows = mode_rows() if number == 4 else sweep_rows(number)
+    return TableSpec(number, title, index_name, rows, columns, values, avg)
+
+
+def sweep(number: int) -> Any:
+    """``conf/sweep/tableN.yaml`` as written (interpolations unresolved)."""
+    return OmegaConf.load(CONF_DIR / "sweep" / f"table{number}.yaml")
+
+
+def sweep_rows(number: int) -> tuple[Row, ...]:
+    """Table ``number``'s rows from the ``rows:`` of its sweep config."""
+    entries = [dict(entry) for entry in sweep(number).get("rows") or []]
+    for entry in entries:
+        if not {"variant", "key", "label"} <= entry.keys():
+            raise ConfigError(f"conf/sweep/table{number}.yaml: the rows: entry {entry} needs "
+                              "variant, key and label (latex is optional)")
+    configs = composed_configs([str(e["variant"]) for e in entries], f"table{number}")
+    rows = []
+    for entry, config in zip(entries, configs):
+        match, trials = match_of(config)
+        rows.append(Row(str(entry["key"]), str(entry["label"]),
+                        str(entry.get("latex", entry["label"])), match, trials=trials))
+    for entry in uncovered_variants(number):
+        log.warning("conf/sweep/table%d.yaml: variant '%s' has no entry in rows: and is not "
+                    "tabulated", number, entry)
+    return tuple(rows)
+
+
+def preprocess_modes() -> dict[str, tuple[int, int, int]]:
+    """Table 4's modes in its sweep's order: name -> ``(short_side, window, stride)``."""
+    names = str(sweep(4).hydra.sweeper.params.preprocess).split(",")
+    modes = {}
+    for name in (n.strip() for n in names):
+        mode = OmegaConf.load(CONF_DIR / "preprocess" / f"{name}.yaml")
+        modes[name] = (int(mode.short_side), int(mode.window), int(mode.stride))
+    return modes
+
+
+def mode_rows() -> tuple[Row, ...]:
+    """Table 4: one row ``#i`` per preprocessing mode, each with the run's default method."""
+    match, _ = match_of(composed_configs([""], "table4")[0])
+    return tuple(Row(name, f"#{i}", f"\\#{i}", match, preprocess=mode)
+                 for i, (name, mode) in enumerate(preprocess_modes().items(), start=1))
+
+
+def match_of(config: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``(match fields, trials)`` of a resolved run config: its summary row's
+    ``MATCH_FIELDS`` that are set, and whether it is a random-projection trial."""
+    summary = summary_of(config, {})
+    match = {k: summary[k] for k in MATCH_FIELDS if summary[k] is not None}
+    projection = config.get("projection")
+    if projection and not (config["attention"].get("combine") or projection.get("combine")):
+        # combine: null is the projection set's own; a one-map set (identity, q, k,
+        # learned) sums and averages alike, so its row takes a record with either.
+        match.pop("combine", None)
+    return match, summary["trial"] is not None
+
+
+@cache
+def projection_combine(name: str) -> str | None:
+    """How projection set ``name`` combines its maps (``conf/projection/<name>.yaml``);
+    None for a one-map set or an unknown name."""
+    path = CONF_DIR / "projection" / f"{name}.yaml"
+    return OmegaConf.load(path).get("combine") if path.is_file() else None
+
+
+def uncovered_variants(number: int) -> list[str]:
+    """The ``variants`` of a sweep that no entry of its ``rows:`` tabulates."""
+    config = sweep(number)
+
+    def settings(entry: str) -> frozenset[str]:
+        return frozenset(t for t in variant_overrides(entry) if not t.startswith("trial="))
+
+    covered = {settings(str(e["variant"])) for e in config.get("rows") or []}
+    return [str(v) for v in config.get("variants") or [] if settings(str(v)) not in covered]
+
+
+_CONFIGS: dict[str, dict[str, Any]] = {}
+
+
+def composed_configs(entries: Sequence[str], where: str) -> list[dict[str, Any]]:
+    """The resolved run config of each variant entry (``conf/run.yaml`` plus its overrides,
+    composed by Hydra as ``sclip_lab.run`` does); cached per entry.
+
+    Raises:
+        ConfigError: an entry does not compose (``where`` names its sweep in the message).
+    """
+    todo = [e for e in dict.fromkeys(entries) if e not in _CONFIGS]
+    if todo:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        import sclip_lab.data  # noqa: F401 - registers the schema conf/dataset/*.yaml extend
+
+        # A caller's own Hydra (e.g. inside a Hydra app) is set aside and put back after.
+        outer = GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+                for entry in todo:
+                    try:
+                        extra = variant_overrides(entry) if entry.strip() else []
+                        cfg = compose("run", overrides=extra)
+                    except Exception as e:  # Hydra's errors name the unknown group or key
+                        raise ConfigError(f"{where} row '{entry}': "
+                                          f"{message_of(e).splitlines()[0]}") from None
+                    _CONFIGS[entry] = OmegaConf.to_container(cfg, resolve=True)
+        finally:
+            if outer is not None:  # the context replaced the singleton: ask for it again
+                GlobalHydra.instance().clear()
+                GlobalHydra.instance().initialize(outer)
+    return [_CONFIGS[e] for e in entries]
