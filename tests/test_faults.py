@@ -80,7 +80,8 @@ RUN = "run"
 # (id, entry, overrides, expected exit code, expected substring of the error line)
 CASES = [
     # Hydra's own errors: unknown options and keys, syntax, unusable run directories.
-    ("unknown-dataset", RUN, ["dataset=nope"], 2, "Available options in 'dataset'"),
+    ("unknown-dataset", RUN, ["dataset=nope"], 2,
+     "available options in 'dataset': ade20k, cityscapes, coco_object"),
     ("unknown-attention", RUN, ["attention=nope"], 2, "attention/nope"),
     ("unknown-key", RUN, ["notakey=1"], 2, "notakey"),
     ("override-syntax", RUN, ["limit=[1"], 2, "limit=[1"),
@@ -409,3 +410,24 @@ def test_a_bug_keeps_its_traceback(world, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="an internal bug"):
         invoke("run", _run_argv(world, tmp_path, "logger=none"))
     assert not finished_records(tmp_path)
+
+
+def test_sync_lists_only_offline_runs_not_yet_uploaded(tmp_path, capsys, monkeypatch):
+    from sclip_lab import sync
+
+    pending = tmp_path / "outputs/voc21/csa/t1/wandb/offline-run-20261130_000000-aaaa"
+    done = tmp_path / "multirun/table2/x/wandb/offline-run-20261130_000001-bbbb"
+    for run in (pending, done):
+        run.mkdir(parents=True)
+    (done / "run-bbbb.wandb.synced").write_text("")
+    assert sync.pending_runs([tmp_path / "outputs", tmp_path / "multirun"]) == [pending]
+    assert invoke("sync", [str(tmp_path / "outputs"), str(tmp_path / "multirun"),
+                           "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 offline W&B run(s) not yet uploaded" in out and str(pending) in out
+    # Without credentials nothing is attempted: one line saying how to log in.
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert invoke("sync", [str(tmp_path / "outputs")]) == 2
+    assert "wandb login" in capsys.readouterr().err

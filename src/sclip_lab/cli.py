@@ -101,9 +101,13 @@ def hydra_message(error: BaseException) -> str:
         parts.append(message_of(cause))
     if getattr(error, "override", None):  # OverrideParseException
         parts.insert(0, f"cannot parse the override {error.override}:")
-    text = " ".join(parts)
+    text = " ".join(parts).split("Config search path:")[0]
     text = re.sub(r"\s*(full_key|object_type|reference_type)[:=] ?\S*", "", text)
-    text = re.sub(r"Available options in '(\w+)':\s*", r"Available options in '\1': ", text)
+    options = re.search(r"Available options in '(\w+)':\s*(.*)$", text)
+    if options:  # one comma-separated list, without the schema the group's files extend
+        names = [n for n in options.group(2).split() if n != "base_dataset"]
+        text = (text[:options.start()].rstrip() + f"; available options in '{options.group(1)}': "
+                + ", ".join(names))
     return text.strip()
 
 

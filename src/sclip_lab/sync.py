@@ -49,12 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {run}")
     if args.dry_run or not runs:
         return 0
+    if not wandb_logged_in():
+        report("W&B has no credentials: run `wandb login` (or set WANDB_API_KEY), then sync")
+        return EXIT_USER_ERROR
     wandb_cli = shutil.which("wandb")
     if wandb_cli is None:
         report("the wandb command is not on PATH; activate the environment sclip_lab is in")
-        return EXIT_USER_ERROR
-    if not wandb_logged_in():
-        report("W&B has no credentials: run `wandb login` (or set WANDB_API_KEY), then sync")
         return EXIT_USER_ERROR
     return subprocess.run([wandb_cli, "sync", *map(str, runs)]).returncode
 
