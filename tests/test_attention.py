@@ -164,7 +164,7 @@ def test_local_window_mask_against_definition():
     h, w, k = 4, 5, 3
     N = 1 + h * w
     q, kk = torch.randn(1, 2, N, 8), torch.randn(1, 2, N, 8)
-    A = attn.local(attn.AttentionInputs(torch.randn(1, N, 16), q, kk, q, (h, w)), window=k)
+    A = attn.local(attn.AttentionInputs(torch.randn(1, N, 16), q, kk, q, (h, w)), kernel=k)
     scores = torch.softmax(q @ kk.transpose(-1, -2) / 8, -1)
     torch.testing.assert_close(A[:, :, 0], scores[:, :, 0])  # CLS row unrestricted
     for i in range(h * w):

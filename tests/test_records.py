@@ -79,3 +79,15 @@ def test_resume_root_must_be_a_folder(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         records.finished_records(tmp_path / "f")
+
+
+def test_local_size_rename_keeps_keys_and_rows():
+    """``kernel`` is the local attention size; records made when it was called ``window``
+    keep their result keys and summary rows."""
+    new = resolved("attention=local", "kernel=5")
+    assert new["attention"] == {"name": "local", "kernel": 5}
+    old = {**new, "attention": {"name": "local", "window": 5}}
+    assert records.result_key(new) == records.result_key(old)
+    assert records.summary_of(old, {})["window"] == records.summary_of(new, {})["window"] == 5
+    # the old top-level override still works (with a warning naming kernel=)
+    assert resolved("attention=local", "window=7")["attention"]["kernel"] == 7

@@ -114,7 +114,7 @@ def test_attention_entries_compose_like_run_variants():
     out = vis.attention_entries(cfg, composer(base))
     assert [label for label, _ in out] == entries
     assert out[1][1].attention == {"name": "sharpen", "temperature": 2.0}
-    assert out[2][1].attention == {"name": "local", "window": 3}
+    assert out[2][1].attention == {"name": "local", "kernel": 3}
     v = out[3][1]
     assert v.attention.name == "csa" and v.projection.n == 4 and v.projection.trial == 1
     cfg.attentions = ["nope"]

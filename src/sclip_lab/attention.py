@@ -141,15 +141,15 @@ def sharpen(x: AttentionInputs, temperature: float = HEAD_TEMPERATURE) -> Tensor
     return softmax_attention(x.q, x.k, temperature)
 
 
-@register_attention("local", params=("window",))
-def local(x: AttentionInputs, window: int = 3) -> Tensor:
+@register_attention("local", params=("kernel",))
+def local(x: AttentionInputs, kernel: int = 3) -> Tensor:
     """Vanilla attention restricted to patch keys in the k×k neighbourhood (Table 3).
 
     Patch queries see only patch keys at Chebyshev grid distance ≤ (k − 1)/2 (not the
     CLS key); the CLS query row is unrestricted.
     """
     pos = grid_coords(x.grid, x.q.device)
-    near = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1) <= (window - 1) // 2
+    near = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1) <= (kernel - 1) // 2
     allowed = torch.ones(x.q.shape[2], x.q.shape[2], dtype=torch.bool, device=x.q.device)
     allowed[1:, 0] = False
     allowed[1:, 1:] = near

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from omegaconf import OmegaConf
 
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
 from sclip_lab.errors import ConfigError
+
+log = logging.getLogger("sclip_lab")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PAPER_SHORT_SIDE = {"cityscapes": 560}
@@ -19,9 +22,20 @@ def paper_short_side(dataset: str) -> int:
     return PAPER_SHORT_SIDE.get(dataset, 336)
 
 
+def local_kernel(window: int | None, kernel: int) -> int:
+    """attention=local's size: ``kernel``, or the deprecated top-level ``window=`` if given."""
+    if window is None:
+        return kernel
+    log.warning("window=%s names the local attention size by its old name: write kernel=%s "
+                "(window= will go; preprocess.window is the crop)", window, window)
+    return window
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("paper_short_side"):
         OmegaConf.register_new_resolver("paper_short_side", paper_short_side)
+    if not OmegaConf.has_resolver("local_kernel"):  # cached: the warning shows once
+        OmegaConf.register_new_resolver("local_kernel", local_kernel, use_cache=True)
 
 
 def variant_overrides(entry: str) -> list[str]:

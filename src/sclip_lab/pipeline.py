@@ -92,6 +92,11 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
         variant = attn.get_variant(name)
     except ValueError as e:
         raise ConfigError(f"{e} (attention=<name>)") from None
+    attention = dict(attention)
+    size_key = "kernel"
+    if name == "local" and "window" in attention and "kernel" not in attention:
+        size_key = "window"  # the local size's old name (records and direct callers)
+        attention["kernel"] = attention.pop("window")
     unknown = sorted(set(attention) - {"name"} - set(variant.params))
     if unknown:
         knobs = ", ".join(k for k in variant.params if k != "projections") or "none"
@@ -110,7 +115,7 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
                               + (" (0 = hard max is for attention=sharpen)" if t == 0 else ""))
         params["temperature"] = t
     if name == "local":
-        params["window"] = integer(attention.get("window"), "window", 1, odd=True)
+        params["kernel"] = integer(attention.get("kernel"), size_key, 1, odd=True)
     if name == "early":
         params["layer"] = integer(attention.get("layer"), "layer", 1, depth)
         early_layers = (params["layer"],)

@@ -42,6 +42,9 @@ def result_key(config: Mapping[str, Any]) -> str:
     relevant = {k: config.get(k) for k in RESULT_KEYS}
     if isinstance(relevant["dataset"], Mapping):  # where archives come from changes no number
         relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"}
+    att = relevant["attention"]
+    if isinstance(att, Mapping) and "kernel" in att:  # the local size's old name: same keys
+        relevant["attention"] = {("window" if k == "kernel" else k): v for k, v in att.items()}
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -74,7 +77,7 @@ def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
         "combine": (att.get("combine") or projection.get("combine") or DEFAULT_COMBINE)
         if projection is not None else None,
         "temperature": att.get("temperature"),
-        "window": att.get("window"),
+        "window": att.get("kernel", att.get("window")),  # the local size, named as in old records
         "layer": att.get("layer"),
         "sigma": att.get("sigma"),
         "postprocess": (config.get("postprocess") or {}).get("name", "none"),
