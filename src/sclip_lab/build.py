@@ -38,7 +38,7 @@ def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compo
     """``[(label, config)]``: the job's own config, or one per variant entry.
 
     Each entry (default: ``cfg.variants``) is a string of overrides, ``"attention=local
-    window=5"`` (or ``"local window=5"``), composed on top of this job's overrides; variants
+    kernel=5"`` (or ``"local kernel=5"``), composed on top of this job's overrides; variants
     may change only attention, projection, their knobs and post-processing (what comes
     after the shared trunk). ``compose(overrides) -> config`` defaults to Hydra's.
     """

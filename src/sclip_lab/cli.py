@@ -42,10 +42,9 @@ class _Guarded:
             check_config(cfg)
             return self.task(cfg)
         except UserError as e:
-            if not _in_multirun():
-                report(e)
-                sys.exit(EXIT_USER_ERROR)
             report(e)
+            if not _in_multirun():
+                sys.exit(EXIT_USER_ERROR)
             _mark_job_failed(e)
         except Exception as e:
             if not _in_multirun():

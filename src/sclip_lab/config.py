@@ -39,10 +39,10 @@ def register_resolvers() -> None:
 
 
 def variant_overrides(entry: str) -> list[str]:
-    """``"local window=5"`` or ``"attention=local window=5"`` -> Hydra overrides."""
+    """``"local kernel=5"`` or ``"attention=local kernel=5"`` -> Hydra overrides."""
     tokens = shlex.split(str(entry))
     if not tokens:
-        raise ConfigError("a variant entry is empty; write e.g. 'attention=local window=5'")
+        raise ConfigError("a variant entry is empty; write e.g. 'attention=local kernel=5'")
     if "=" not in tokens[0]:
         tokens[0] = f"attention={tokens[0]}"
     return tokens

@@ -18,7 +18,6 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,16 +51,6 @@ def report(error: BaseException | str) -> None:
     """Print ``error: <message>`` on stderr (once: the console log does not repeat it)."""
     text = error if isinstance(error, str) else message_of(error)
     print(f"error: {text}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """A user error raised inside is reported in one line and the process exits with 2."""
-    try:
-        yield
-    except UserError as e:
-        report(e)
-        sys.exit(EXIT_USER_ERROR)
 
 
 # ----------------------------------------------------------------------- config checks

@@ -11,8 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 @contextmanager
 def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
@@ -47,7 +45,7 @@ def _finite(obj: Any) -> Any:
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
-    if isinstance(obj, np.ndarray | np.generic) or hasattr(obj, "tolist"):
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars, torch tensors
         return _finite(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

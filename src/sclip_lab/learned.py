@@ -35,7 +35,7 @@ from sclip_lab.data import IGNORE_INDEX
 from sclip_lab.errors import ConfigError, integer, number
 from sclip_lab.files import atomic_target
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, patch_logits
-from sclip_lab.pipeline import build_segmenter
+from sclip_lab.pipeline import Preprocess, build_segmenter
 from sclip_lab.tracking import Tracker
 
 log = logging.getLogger("sclip_lab")
@@ -85,18 +85,18 @@ def train_section(dataset: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def collect_windows(encoder: DenseEncoder, dataset, short_side: int, crop: int, stride: int,
+def collect_windows(encoder: DenseEncoder, dataset, prep: Preprocess,
                     batch: int = 16) -> WindowSet:
     """Trunk outputs of every sliding window of every image, grouped by window size."""
     groups: dict[tuple[int, int], tuple[list[Tensor], list[Tensor]]] = {}
     device = next(encoder.parameters()).device
     for item in tqdm(dataset, desc="training windows", unit="img"):
-        image = segment.preprocess(item["image"], short_side)
+        image = prep(item["image"])
         h, w = image.shape[-2:]
         label = cv2.resize(item["label"].astype(np.uint8), (w, h),
                            interpolation=cv2.INTER_NEAREST)
         label = torch.from_numpy(label.astype(np.int64))
-        for y1, y2, x1, x2 in segment.window_boxes(h, w, crop, stride):
+        for y1, y2, x1, x2 in segment.window_boxes(h, w, prep.window, prep.stride):
             xs, ys = groups.setdefault((y2 - y1, x2 - x1), ([], []))
             xs.append(image[:, y1:y2, x1:x2])
             ys.append(label[y1:y2, x1:x2])
@@ -170,7 +170,7 @@ def train(cfg: DictConfig, tracker: Tracker | None = None) -> Path:
         templates=cfg.text.templates, device=cfg.device, precision=cfg.precision,
         batch_size=cfg.batch_size, cache_dir=cfg.cache_dir)
     enc, prep = segmenter.encoder, segmenter.prep
-    windows = collect_windows(enc, dataset, prep.short_side, prep.window, prep.stride,
+    windows = collect_windows(enc, dataset, prep,
                               cfg.batch_size)
     log.info("learning a projection on %d windows of %d %s training images", len(windows),
              len(dataset), spec.name)

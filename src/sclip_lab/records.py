@@ -8,6 +8,8 @@ where its record would have gone instead.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -104,8 +106,8 @@ def git_commit() -> str | None:
         return None
 
 
-def environment() -> dict[str, Any]:
-    """Library versions, python, platform and git commit for the record."""
+@functools.cache
+def _environment() -> dict[str, Any]:
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -114,6 +116,12 @@ def environment() -> dict[str, Any]:
             versions[pkg] = None
     return {"versions": versions, "python": platform.python_version(),
             "platform": platform.platform(), "git_commit": git_commit()}
+
+
+def environment() -> dict[str, Any]:
+    """Library versions, python, platform and git commit for the record (read once per
+    process: a pass over 20 variants writes 20 records)."""
+    return copy.deepcopy(_environment())
 
 
 def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
