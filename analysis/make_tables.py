@@ -2,7 +2,8 @@
 
 Usage::
 
-    python analysis/make_tables.py [--root multirun/] [--out tables/] [--tables 1 2 3 4]
+    python analysis/make_tables.py [--root multirun/] [--out tables/]
+                                   [--tables 1 2 3 4 clearclip_grid naclip_grid]
                                    [--wandb-project ENTITY/PROJECT] [--model NAME]
                                    [--pretrained TAG] [--preset sclip|paper]
 
@@ -42,7 +43,9 @@ from sclip_lab.tables import (
     console_frame,
     load_local_records,
     load_wandb_records,
+    named_tables,
     select_model,
+    table_id,
     vit_for,
     write_table,
 )
@@ -63,8 +66,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("tables"), help="output directory")
     p.add_argument("--wandb-project", metavar="ENTITY/PROJECT",
                    help="read finished runs of this W&B project instead of --root")
-    p.add_argument("--tables", type=int, nargs="+", default=list(TABLE_NUMBERS),
-                   choices=TABLE_NUMBERS, metavar="N", help="tables to build (1-4)")
+    p.add_argument("--tables", nargs="+", default=list(TABLE_NUMBERS), metavar="N",
+                   help="tables to build: 1-4 (the paper's) and/or sweeps with a table: "
+                        "section (" + ", ".join(named_tables()) + "); default: 1 2 3 4")
     p.add_argument("--model", help="model name to tabulate (default: the most common)")
     p.add_argument("--pretrained", help="pretrained tag (default: the most common of --model)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="sclip",
@@ -86,7 +90,9 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 def build_tables(args: argparse.Namespace) -> int:
     """Read the records, write every requested table; UserError for unusable inputs."""
-    check_writable_dir(args.out, "--out")  # before reading hundreds of records
+    for t in args.tables:  # before reading hundreds of records
+        table_id(t)
+    check_writable_dir(args.out, "--out")
     if args.wandb_project:
         try:
             records = load_wandb_records(args.wandb_project)
@@ -104,12 +110,13 @@ def build_tables(args: argparse.Namespace) -> int:
     if not records:
         log.warning("no finished result records in %s; tables hold the paper's values only",
                     source)
+    ids = list(dict.fromkeys(table_id(t) for t in args.tables))
     records, model = select_model(records, args.model, args.pretrained)
-    vit = vit_for(model) if 4 in args.tables else None
-    for number in sorted(set(args.tables)):
+    vit = vit_for(model) if 4 in ids else None
+    for number in ids:
         table = build_table(number, records, vit=vit, preset=args.preset)
         paths = write_table(table, args.out)
-        print(f"\nTable {number}: {table.spec.title}  [{model or 'no records'}]")
+        print(f"\n{table.spec.heading}  [{model or 'no records'}]")
         print(console_frame(table).to_string())
         print("-> " + ", ".join(str(p) for p in paths))
     return 0

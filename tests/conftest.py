@@ -75,6 +75,14 @@ def tiny_model(tiny_checkpoint):
     return model
 
 
+@pytest.fixture(scope="session")
+def enc(tiny_model):
+    """The tiny model's dense encoder."""
+    from sclip_lab.model import DenseEncoder
+
+    return DenseEncoder(tiny_model.visual)
+
+
 def cli(module: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m sclip_lab.<module> overrides...`` offline from the repository root."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -7,13 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from sclip_lab import attention as attn
-from sclip_lab.model import DenseEncoder, TrunkOutput
+from sclip_lab.model import TrunkOutput
 from sclip_lab.pipeline import ConfigError, build_last_block
-
-
-@pytest.fixture(scope="module")
-def enc(tiny_model):
-    return DenseEncoder(tiny_model.visual)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
 
 
 @pytest.mark.parametrize("table,jobs,variants", [("table1", 8, 6), ("table2", 3, 20),
-                                                 ("table3", 3, 12), ("table4", 15, 0)])
+                                                 ("table3", 3, 12), ("table4", 15, 0),
+                                                 ("clearclip_grid", 5, 20),
+                                                 ("naclip_grid", 8, 10)])
 def test_sweep_definitions_compose(table, jobs, variants):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=[f"+sweep={table}"], return_hydra_config=True)
@@ -33,10 +35,11 @@ def test_sweep_definitions_compose(table, jobs, variants):
 
 def test_every_variant_of_every_sweep_composes():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for table in ("table1", "table2", "table3"):
+        for table in ("table1", "table2", "table3", "clearclip_grid", "naclip_grid"):
             cfg = compose("run", overrides=[f"+sweep={table}"])
             for entry in cfg.variants:
-                vcfg = compose("run", overrides=entry.split())
+                vcfg = compose("run", overrides=[f"protocol={cfg.protocol.name}",
+                                                 *entry.split()])
                 assert vcfg.attention.name
 
 
@@ -155,3 +158,37 @@ def test_slurm_launcher_preset_composes():
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
     assert launcher.array_parallelism == 16 and launcher.max_num_timeout == 2
+
+
+@pytest.mark.parametrize("grid,dataset,protocol", [("clearclip_grid", "voc20", "clearclip"),
+                                                   ("naclip_grid", "voc21", "naclip")])
+def test_method_grids_run_as_sweeps_and_render_as_tables(tiny, tmp_path, grid, dataset,
+                                                         protocol):
+    """Every variant of a method's grid runs under that method's protocol in one job and
+    fills its column of the grid's table; the other benchmarks stay empty."""
+    data = tmp_path / "data"
+    write_benchmark(data, dataset, num_images=1, size=(48, 64))
+    sweeps = tmp_path / "sweeps"
+    proc = cli("run", "-m", f"+sweep={grid}", *tiny, f"data_root={data}", "logger=none",
+               f"hydra.sweeper.params.dataset={dataset}", env={"SCLIP_SWEEPS": str(sweeps)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = list(_records(sweeps).values())
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        n_variants = len(compose("run", overrides=[f"+sweep={grid}"]).variants)
+    assert len(recs) == n_variants
+    assert {r["summary"]["protocol"] for r in recs} == {protocol}
+    assert {r["config"]["protocol"]["name"] for r in recs} == {protocol}
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
+                           "--out", str(out), "--tables", grid], cwd=CONF_DIR.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pandas as pd
+
+    csv = pd.read_csv(out / f"{grid}.csv", index_col=0, dtype=str)
+    label = {"voc20": "VOC20", "voc21": "VOC21"}[dataset]
+    ours = csv[f"{label} ours"]
+    assert len(ours) == n_variants and (ours != "–").all(), ours
+    others = [c for c in csv.columns if c.endswith(" ours") and c != f"{label} ours"]
+    assert others and all((csv[c] == "–").all() for c in others)
+    assert (out / f"{grid}.tex").is_file() and (out / f"{grid}.png").is_file()

@@ -329,11 +329,14 @@ def test_misuse_exits_with_one_line(tmp_path, capsys):
     assert mt.main(["--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a directory" in err
+    assert mt.main(["--root", str(tmp_path), "--tables", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no table '5'; tables are 1, 2, 3, 4, clearclip_grid" in err
     with pytest.raises(SystemExit) as exit_info:
-        mt.main(["--root", str(tmp_path), "--tables", "5"])
+        mt.main(["--root", str(tmp_path), "--preset", "nope"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "invalid choice: 5" in err
+    assert err.count("\n") == 1 and "invalid choice: 'nope'" in err
 
 
 # ------------------------------------------------------------- rows come from the configs
@@ -362,17 +365,21 @@ def test_row_match_fields_are_the_composed_summary():
     from sclip_lab.attention import DEFAULT_COMBINE, DEFAULT_PROJECTION, HEAD_TEMPERATURE
 
     rows = {n: {r.key: r for r in mt.table_spec(n).rows} for n in (1, 2, 3, 4)}
+    # every row matches its block and protocol too
+    block = {"residual": True, "ffn": True, "alpha": 1.0, "protocol": "sclip"}
     sclip = {"attention": "csa", "projection": DEFAULT_PROJECTION, "combine": DEFAULT_COMBINE,
-             "temperature": HEAD_TEMPERATURE, "postprocess": "none"}
+             "temperature": HEAD_TEMPERATURE, "postprocess": "none", **block}
     assert rows[1]["sclip"].match == sclip == rows[2]["qk"].match == rows[4]["mode3"].match
-    assert rows[1]["clip_pamr"].match == {"attention": "vanilla", "postprocess": "pamr"}
+    assert rows[1]["clip_pamr"].match == {"attention": "vanilla", "postprocess": "pamr",
+                                          **block}
     # A one-map projection set sums and averages alike: combine is not matched.
     assert rows[2]["learned"].match == {"attention": "csa", "projection": "learned",
-                                        "temperature": HEAD_TEMPERATURE, "postprocess": "none"}
+                                        "temperature": HEAD_TEMPERATURE, "postprocess": "none",
+                                        **block}
     assert rows[2]["random_4"].trials and not rows[2]["qk"].trials
     assert rows[2]["random_4"].match["n"] == 4 and rows[2]["random_4"].match["combine"] == "mean"
     assert rows[3]["sharpen_0.5"].match == {"attention": "sharpen", "temperature": 0.5,
-                                            "postprocess": "none"}
+                                            "postprocess": "none", **block}
     assert rows[3]["local_7"].match["window"] == 7 and rows[3]["early_5"].match["layer"] == 5
     assert rows[4]["mode5"].preprocess == (448, 448, 224)
 
@@ -409,7 +416,8 @@ def test_a_new_row_is_a_config_change(tmp_path, monkeypatch, fresh_layout):
         assert GlobalHydra.instance().is_initialized()
         assert compose("run", overrides=["attention=local"]).attention.name == "local"
     assert (row.key, row.label, row.latex) == ("naclip_3", "NACLIP σ=3", "NACLIP σ=3")
-    assert row.match == {"attention": "naclip", "sigma": 3, "postprocess": "none"}
+    assert row.match == {"attention": "naclip", "sigma": 3, "postprocess": "none",
+                         "residual": False, "ffn": False, "alpha": 1.0, "protocol": "sclip"}
     rec = Records(tmp_path)
     rec.add("voc21", 41.0, attention="naclip", sigma=3.0, projection=None, combine=None,
             temperature=None)

@@ -2,11 +2,14 @@
 
 Every variant maps the last block's per-head tensors to an attention matrix::
 
-    fn(inputs: AttentionInputs, **params) -> A   # (B, heads, N, N), N = 1 + h·w
+    fn(inputs: AttentionInputs, **knobs) -> A   # (B, heads, N, N), N = 1 + h·w
 
-The block then computes ``out_proj(merge_heads(A @ v))`` and, when the variant keeps the
-residual (``Variant.residual``), adds it to the block input and applies the MLP as CLIP
-does. A new variant is one decorated function here plus ``conf/attention/<name>.yaml``.
+and declares its knobs beside it (``register_attention(..., knobs=[Knob(...)])``); the block
+around it (residual, MLP, output scale) is the same for all (``sclip_lab.knobs``). Most
+named methods are presets of one recipe, ``score_attention``: a sum or mean of softmax
+score terms (q-k, q-q, k-k, v-v, identity, NACLIP's neighbourhood-only), each optionally
+biased by NACLIP's Gaussian. A new variant is one decorated function here plus
+``conf/attention/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sclip_lab.errors import ConfigError, integer
+from sclip_lab.knobs import DEPTH, BindContext, Knob, Variant
 
 HEAD_TEMPERATURE = 8.0  # √d_h for the 64-wide heads of every CLIP ViT
 # CSA as published: the projection set {W_q, W_k}, their attentions summed, τ = 8.
@@ -49,34 +55,21 @@ class AttentionInputs:
         return self.q.shape[1]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A registered attention variant.
-
-    Attributes:
-        name: registry key (= ``attention=<name>``).
-        fn: ``(AttentionInputs, **params) -> (B, heads, N, N)``.
-        residual: keep CLIP's ``x + attn`` and MLP after the attention (False for the
-            ClearCLIP/NACLIP decoders that output ``out_proj(A v)`` alone).
-        params: the keyword parameters ``fn`` accepts (validated at build time).
-    """
-
-    name: str
-    fn: Callable[..., Tensor]
-    residual: bool
-    params: tuple[str, ...]
-
-
 ATTENTIONS: dict[str, Variant] = {}
 
 
-def register_attention(name: str, *, residual: bool = True, params: Sequence[str] = ()):
-    """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name``; duplicates are an error."""
+def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool = True,
+                       ffn: bool = True, borrows=None, prepare=None, projection: bool = False):
+    """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs
+    (``sclip_lab.knobs``); the first docstring line is its listing. Duplicates are an error."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in ATTENTIONS:
             raise KeyError(f"attention '{name}' is already registered")
-        ATTENTIONS[name] = Variant(name, fn, residual, tuple(params))
+        doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        extra = {"borrows": borrows} if borrows is not None else {}
+        ATTENTIONS[name] = Variant(name, fn, tuple(knobs), residual, ffn, doc,
+                                   prepare=prepare, projection=projection, **extra)
         return fn
 
     return wrap
@@ -84,7 +77,7 @@ def register_attention(name: str, *, residual: bool = True, params: Sequence[str
 
 def get_variant(name: str) -> Variant:
     if name not in ATTENTIONS:
-        raise ValueError(f"unknown attention '{name}'; registered: {sorted(ATTENTIONS)}")
+        raise ConfigError(f"unknown attention={name!r}; registered: {sorted(ATTENTIONS)}")
     return ATTENTIONS[name]
 
 
@@ -124,56 +117,10 @@ def grid_coords(grid: tuple[int, int], device: torch.device | None = None) -> Te
     return torch.stack([ys.flatten(), xs.flatten()], dim=1)
 
 
-# --------------------------------------------------------------------------- variants
+# ---------------------------------------------------------------------------- recipe
 
-
-@register_attention("vanilla")
-def vanilla(x: AttentionInputs) -> Tensor:
-    """CLIP's own attention, ``softmax(q kᵀ / 8)``."""
-    return softmax_attention(x.q, x.k)
-
-
-@register_attention("sharpen", params=("temperature",))
-def sharpen(x: AttentionInputs, temperature: float = HEAD_TEMPERATURE) -> Tensor:
-    """``softmax(q kᵀ / τ)``; τ = 8 is vanilla, τ = 0 the hard max (Table 3)."""
-    if temperature == 0:
-        return hard_max_attention(x.q, x.k)
-    return softmax_attention(x.q, x.k, temperature)
-
-
-@register_attention("local", params=("kernel",))
-def local(x: AttentionInputs, kernel: int = 3) -> Tensor:
-    """Vanilla attention restricted to patch keys in the k×k neighbourhood (Table 3).
-
-    Patch queries see only patch keys at Chebyshev grid distance ≤ (k − 1)/2 (not the
-    CLS key); the CLS query row is unrestricted.
-    """
-    pos = grid_coords(x.grid, x.q.device)
-    near = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1) <= (kernel - 1) // 2
-    allowed = torch.ones(x.q.shape[2], x.q.shape[2], dtype=torch.bool, device=x.q.device)
-    allowed[1:, 0] = False
-    allowed[1:, 1:] = near
-    scores = (x.q @ x.k.transpose(-2, -1)).float() / HEAD_TEMPERATURE
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(x.q.dtype)
-
-
-@register_attention("early", params=("layer",))
-def early(x: AttentionInputs, layer: int = 1) -> Tensor:
-    """Block ``layer``'s vanilla attention map, reused with the last block's v (Table 3)."""
-    return x.early[layer]
-
-
-@register_attention("maskclip")
-def maskclip(x: AttentionInputs) -> Tensor:
-    """Identity attention: every token keeps its own value (MaskCLIP; local with k = 1)."""
-    B, heads, N, _ = x.q.shape
-    return torch.eye(N, dtype=x.q.dtype, device=x.q.device).expand(B, heads, N, N)
-
-
-@register_attention("clearclip", residual=False)
-def clearclip(x: AttentionInputs) -> Tensor:
-    """ClearCLIP's decoder: ``softmax(q qᵀ / 8)``, no residual, no MLP."""
-    return softmax_attention(x.q, x.q)
+TERMS = ("qk", "qq", "kk", "vv", "id", "nonly")
+COMBINES = ("sum", "mean")
 
 
 def gaussian_grid_bias(grid: tuple[int, int], sigma: float, device=None) -> Tensor:
@@ -187,14 +134,160 @@ def gaussian_grid_bias(grid: tuple[int, int], sigma: float, device=None) -> Tens
     return bias
 
 
-@register_attention("naclip", residual=False, params=("sigma",))
+def neighbourhood_mask(grid: tuple[int, int], kernel: int, device=None) -> Tensor:
+    """``(N, N)`` bool, True where a query may look: patch queries see only patch keys at
+    Chebyshev grid distance ≤ (k − 1)/2 (not the CLS key); the CLS row sees everything."""
+    pos = grid_coords(grid, device)
+    near = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1) <= (kernel - 1) // 2
+    n = pos.shape[0] + 1
+    allowed = torch.ones(n, n, dtype=torch.bool, device=device)
+    allowed[1:, 0] = False
+    allowed[1:, 1:] = near
+    return allowed
+
+
+def neighbourhood_scale(q: Tensor, k: Tensor, temperature: float) -> Tensor:
+    """``(B, 1, 1, 1)``: NACLIP's N-only logit scale, the mean over heads and token pairs
+    of ‖q_i‖·‖k_j‖, divided by τ (per window, so batching never changes it)."""
+    qn, kn = q.float().norm(dim=-1), k.float().norm(dim=-1)  # (B, heads, N)
+    return (qn.mean(-1) * kn.mean(-1)).mean(-1).view(-1, 1, 1, 1) / temperature
+
+
+def score_term(x: AttentionInputs, term: str, temperature: float, sigma: float | None,
+               kernel: int | None = None) -> Tensor:
+    """One term ``(B, heads, N, N)`` of the recipe: softmax(a bᵀ/τ [+ G_σ]) for the pairs
+    q-k, q-q, k-k, v-v; the identity for ``id``; softmax(G_σ · c) for ``nonly``; a
+    ``kernel`` keeps each patch query's softmax inside its k×k neighbourhood."""
+    B, heads, N, _ = x.q.shape
+    if term == "id":
+        return torch.eye(N, dtype=x.q.dtype, device=x.q.device).expand(B, heads, N, N)
+    if term == "nonly":
+        logits = gaussian_grid_bias(x.grid, sigma, x.q.device) * neighbourhood_scale(
+            x.q, x.k, temperature)
+        return logits.expand(B, heads, N, N).softmax(-1).to(x.q.dtype)
+    a, b = {"qk": (x.q, x.k), "qq": (x.q, x.q), "kk": (x.k, x.k), "vv": (x.v, x.v)}[term]
+    if temperature == 0 and kernel is None:
+        return hard_max_attention(a, b)
+    if sigma is None and kernel is None:
+        return softmax_attention(a, b, temperature)
+    scores = (a @ b.transpose(-2, -1)).float()
+    scores = scores / temperature if temperature else scores
+    if sigma is not None and temperature:
+        scores = scores + gaussian_grid_bias(x.grid, sigma, a.device)
+    if kernel is not None:
+        scores = scores.masked_fill(~neighbourhood_mask(x.grid, kernel, a.device), float("-inf"))
+        if temperature == 0:  # the hard max inside the neighbourhood
+            return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(a.dtype)
+    return scores.softmax(-1).to(a.dtype)
+
+
+def score_attention(x: AttentionInputs, scores: Sequence[str] = ("qk",),
+                    temperature: float | Sequence[float] = HEAD_TEMPERATURE,
+                    combine: str = "sum", sigma: float | None = None,
+                    kernel: int | None = None) -> Tensor:
+    """Σ (or mean) over ``scores`` of ``score_term``; ``temperature``: one τ, or one per term."""
+    taus = ([temperature] * len(scores) if isinstance(temperature, (int, float))
+            else list(temperature))
+    maps = [score_term(x, t, tau, sigma, kernel) for t, tau in zip(scores, taus)]
+    total = maps[0] if len(maps) == 1 else torch.stack(maps).sum(0)
+    return total / len(maps) if combine == "mean" and len(maps) > 1 else total
+
+
+def check_recipe(knobs: dict, ctx: BindContext) -> dict:
+    """Cross-knob rules of ``recipe``: one τ per term, N-only needs σ, τ = 0 only for
+    q-k/q-q/k-k/v-v terms (the hard max)."""
+    scores, tau = knobs["scores"], knobs["temperature"]
+    if not isinstance(tau, (int, float)) and len(tau) != len(scores):
+        raise ConfigError(f"attention.temperature has {len(tau)} values for {len(scores)} "
+                          f"scores {list(scores)}; give one τ, or one per term")
+    if "nonly" in scores and knobs["sigma"] is None:
+        raise ConfigError("the nonly term is a Gaussian over the grid: set attention.sigma "
+                          "(NACLIP uses 5)")
+    taus = [tau] * len(scores) if isinstance(tau, (int, float)) else tau
+    if any(t == 0 and s in ("nonly",) for s, t in zip(scores, taus)):
+        raise ConfigError("temperature=0 (the hard max) is for q-k/q-q/k-k/v-v terms; "
+                          "give nonly a τ > 0")
+    if knobs["kernel"] is not None and {"id", "nonly"} & set(scores):
+        raise ConfigError("attention.kernel masks softmax scores; the id and nonly terms "
+                          "have none (drop attention.kernel or those terms)")
+    return knobs
+
+
+SCORE_KNOBS = (
+    Knob("scores", "terms", ("qk",), "score terms summed or averaged", choices=TERMS),
+    Knob("temperature", "floats", HEAD_TEMPERATURE, "τ of every term, or one per term; "
+         "0 = hard max", low=0),
+    Knob("combine", "choice", "sum", "how the terms' maps combine", choices=COMBINES),
+    Knob("sigma", "float", None, "NACLIP Gaussian bias σ in patches (null = none)",
+         above=0, nullable=True),
+    Knob("kernel", "int", None, "k×k neighbourhood of each patch query (null = all)",
+         low=1, odd=True, nullable=True),
+)
+
+
+@register_attention("recipe", knobs=SCORE_KNOBS, prepare=check_recipe)
+def recipe(x: AttentionInputs, scores: Sequence[str] = ("qk",),
+           temperature: float | Sequence[float] = HEAD_TEMPERATURE, combine: str = "sum",
+           sigma: float | None = None, kernel: int | None = None) -> Tensor:
+    """Composable scores: Σ/mean of softmax(a bᵀ/τ [+ G_σ]) terms (ClearCLIP/NACLIP grids)."""
+    return score_attention(x, scores, temperature, combine, sigma, kernel)
+
+
+# ---------------------------------------------------------------- named variants
+
+
+@register_attention("vanilla")
+def vanilla(x: AttentionInputs) -> Tensor:
+    """CLIP's own attention, softmax(q kᵀ / 8) (recipe scores=[qk])."""
+    return score_attention(x, ("qk",))
+
+
+@register_attention("sharpen", knobs=[Knob("temperature", "float", HEAD_TEMPERATURE,
+                                           "τ; 8 = vanilla, 0 = hard max", low=0)])
+def sharpen(x: AttentionInputs, temperature: float = HEAD_TEMPERATURE) -> Tensor:
+    """softmax(q kᵀ / τ); τ = 8 is vanilla, τ = 0 the hard max (Table 3)."""
+    return score_attention(x, ("qk",), temperature)
+
+
+@register_attention("local", knobs=[Knob("kernel", "int", 3, "k×k patch neighbourhood",
+                                         low=1, odd=True, record_as="window",
+                                         aliases=("window",))])
+def local(x: AttentionInputs, kernel: int = 3) -> Tensor:
+    """Vanilla attention restricted to the k×k patch neighbourhood (Table 3; recipe
+    scores=[qk] kernel=k): see ``neighbourhood_mask``."""
+    return score_attention(x, ("qk",), kernel=kernel)
+
+
+@register_attention("early", knobs=[Knob("layer", "int", 1, "borrowed block, 1..depth",
+                                         low=1, high=DEPTH)],
+                    borrows=lambda knobs: (knobs["layer"],))
+def early(x: AttentionInputs, layer: int = 1) -> Tensor:
+    """Block ``layer``'s vanilla attention map, reused with the last block's v (Table 3)."""
+    return x.early[layer]
+
+
+@register_attention("maskclip")
+def maskclip(x: AttentionInputs) -> Tensor:
+    """Identity attention: every token keeps its own value (MaskCLIP; recipe scores=[id])."""
+    return score_attention(x, ("id",))
+
+
+@register_attention("clearclip", residual=False, ffn=False)
+def clearclip(x: AttentionInputs) -> Tensor:
+    """ClearCLIP: softmax(q qᵀ / 8), no residual, no MLP (recipe scores=[qq])."""
+    return score_attention(x, ("qq",))
+
+
+@register_attention("naclip", residual=False, ffn=False,
+                    knobs=[Knob("sigma", "float", 5.0, "Gaussian σ in patches", above=0)])
 def naclip(x: AttentionInputs, sigma: float = 5.0) -> Tensor:
-    """NACLIP's decoder: ``softmax(k kᵀ / 8 + G)``, G a Gaussian over grid distance."""
-    scores = (x.k @ x.k.transpose(-2, -1)).float() / HEAD_TEMPERATURE
-    scores = scores + gaussian_grid_bias(x.grid, sigma, x.k.device)
-    return scores.softmax(-1).to(x.k.dtype)
+    """NACLIP: softmax(k kᵀ / 8 + G_σ), no residual, no MLP (recipe scores=[kk] sigma=σ)."""
+    return score_attention(x, ("kk",), sigma=sigma)
 
 
+# ----------------------------------------------------------------- CSA projections
+
+PROJECTIONS = ("qk", "q", "k", "identity", "random", "learned")
 Projection = tuple[Tensor, Tensor | None] | str
 
 
@@ -205,26 +298,6 @@ def project(x: AttentionInputs, p: Projection) -> Tensor:
         return {"q": x.q, "k": x.k}[p]
     w, b = p
     return split_heads(F.linear(x.z, w, b), x.heads)
-
-
-@register_attention("csa", params=("projections", "combine", "temperature"))
-def csa(
-    x: AttentionInputs,
-    projections: Sequence[Projection] = ("q", "k"),
-    combine: str = DEFAULT_COMBINE,
-    temperature: float = HEAD_TEMPERATURE,
-) -> Tensor:
-    """SCLIP's correlative self-attention: Σ or mean over W of ``softmax(R_h R_hᵀ / τ)``,
-    ``R = z Wᵀ + b`` split into heads (docs/protocol.md §3; the default {W_q, W_k} sums)."""
-    maps = [softmax_attention(r, r, temperature) for r in (project(x, p) for p in projections)]
-    total = torch.stack(maps).sum(0)
-    return total / len(maps) if combine == "mean" else total
-
-
-# ----------------------------------------------------------------- CSA projections
-
-PROJECTIONS = ("qk", "q", "k", "identity", "random", "learned")
-COMBINES = ("sum", "mean")
 
 
 def qkv_weights(attn: torch.nn.MultiheadAttention) -> list[tuple[Tensor, Tensor]]:
@@ -268,3 +341,48 @@ def csa_projections(
         return [(w.to(device=device, dtype=dtype),
                  None if b is None else b.to(device=device, dtype=dtype))]
     raise ValueError(f"unknown projection '{mode}'; choose one of {list(PROJECTIONS)}")
+
+
+def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
+    """Bind the projection group (docs/protocol.md §3): mode, n, trial, combine (the
+    attention's, else the set's own), and the matrices themselves."""
+    proj = dict(ctx.projection or {"name": DEFAULT_PROJECTION})
+    mode = proj.get("name")
+    if mode not in PROJECTIONS:
+        raise ConfigError(f"unknown projection={mode!r}; choose one of {list(PROJECTIONS)}")
+    n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
+    trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
+    combine = knobs["combine"] or proj.get("combine") or DEFAULT_COMBINE
+    if combine not in COMBINES:
+        raise ConfigError(f"combine={combine!r}; choose one of {list(COMBINES)}")
+    width = ctx.attn.embed_dim
+    if mode == "learned" and ctx.learned is not None and tuple(ctx.learned[0].shape) != (
+            width, width):
+        raise ConfigError(f"the learned projection is {tuple(ctx.learned[0].shape)} but this "
+                          f"model's last block is {width} wide; train one for this model "
+                          "with python -m sclip_lab.learn")
+    projections = csa_projections(mode, ctx.attn, n=n, trial=trial, learned=ctx.learned)
+    return {"projections": projections, "combine": combine,
+            "temperature": knobs["temperature"]}
+
+
+@register_attention("csa", projection=True, prepare=prepare_csa, knobs=[
+    Knob("temperature", "float", HEAD_TEMPERATURE, "τ of every map (0 = hard max is "
+         "attention=sharpen)", above=0),
+    Knob("combine", "choice", None, "sum | mean; null = the projection set's own",
+         choices=COMBINES, nullable=True),
+])
+def csa(
+    x: AttentionInputs,
+    projections: Sequence[Projection] = ("q", "k"),
+    combine: str = DEFAULT_COMBINE,
+    temperature: float = HEAD_TEMPERATURE,
+) -> Tensor:
+    """SCLIP's correlative self-attention: Σ/mean over W of softmax(R_h R_hᵀ / τ), R = z Wᵀ + b.
+
+    ``projections`` come from the ``projection`` group (``prepare_csa``); the default
+    {W_q, W_k} sums (docs/protocol.md §3), which is recipe scores=[qq,kk].
+    """
+    maps = [softmax_attention(r, r, temperature) for r in (project(x, p) for p in projections)]
+    total = torch.stack(maps).sum(0)
+    return total / len(maps) if combine == "mean" else total

@@ -104,10 +104,25 @@ def hydra_message(error: BaseException) -> str:
     text = re.sub(r"\s*(full_key|object_type|reference_type)[:=] ?\S*", "", text)
     options = re.search(r"Available options in '(\w+)':\s*(.*)$", text)
     if options:  # one comma-separated list, without the schema the group's files extend
-        names = [n for n in options.group(2).split() if n != "base_dataset"]
+        names = [n for n in options.group(2).split() if not n.startswith("base_")]
         text = (text[:options.start()].rstrip() + f"; available options in '{options.group(1)}': "
                 + ", ".join(names))
+    knob = re.search(r"Could not override 'attention\.(\w+)'", text)
+    if knob and "not in struct" in text:  # a knob the chosen variant's file does not list
+        return unknown_knob_message(knob.group(1))
     return text.strip()
+
+
+def unknown_knob_message(key: str) -> str:
+    """``attention.<key>=…`` on a variant without that knob: name the variant's knobs."""
+    from sclip_lab.attention import ATTENTIONS
+
+    chosen = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("attention=")]
+    variant = ATTENTIONS.get(chosen[-1] if chosen else "csa")
+    if variant is None:
+        return f"attention has no knob {key!r}"
+    return (f"attention={variant.name} has no knob {key!r}; its knobs: {variant.knob_list()} "
+            f"(drop attention.{key})")
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:

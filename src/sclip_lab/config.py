@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
 from sclip_lab.errors import ConfigError
+from sclip_lab.knobs import BLOCK_KNOBS
 
 log = logging.getLogger("sclip_lab")
 
@@ -31,9 +34,33 @@ def local_kernel(window: int | None, kernel: int) -> int:
     return window
 
 
+def by_dataset(name: str, default: Any, table: Mapping[str, Any] | None = None) -> Any:
+    """A protocol's per-benchmark value: ``table[name]``, else ``default``
+    (``${by_dataset:${dataset.name},336,{cityscapes:560}}``)."""
+    return (table or {}).get(name, default)
+
+
+def window_of(window: int | None, name: str, whole_image: Sequence[str] | None) -> int | None:
+    """The sliding window of a protocol, or None (the whole image in one window) for the
+    benchmarks it evaluates whole."""
+    return None if name in (whole_image or ()) else window
+
+
+def register_attention_schema() -> None:
+    """``attention/base_attention``: the block knobs every attention file extends
+    (``defaults: [base_attention, _self_]``); null = the variant's own block."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="attention", name="base_attention",
+                                 node={k.name: None for k in BLOCK_KNOBS})
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("paper_short_side"):
         OmegaConf.register_new_resolver("paper_short_side", paper_short_side)
+    for name, fn in (("by_dataset", by_dataset), ("window_of", window_of)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("local_kernel"):  # cached: the warning shows once
         OmegaConf.register_new_resolver("local_kernel", local_kernel, use_cache=True)
 
@@ -49,3 +76,4 @@ def variant_overrides(entry: str) -> list[str]:
 
 
 register_resolvers()
+register_attention_schema()

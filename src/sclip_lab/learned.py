@@ -96,7 +96,7 @@ def collect_windows(encoder: DenseEncoder, dataset, prep: Preprocess,
         label = cv2.resize(item["label"].astype(np.uint8), (w, h),
                            interpolation=cv2.INTER_NEAREST)
         label = torch.from_numpy(label.astype(np.int64))
-        for y1, y2, x1, x2 in segment.window_boxes(h, w, prep.window, prep.stride):
+        for y1, y2, x1, x2 in prep.boxes(h, w):
             xs, ys = groups.setdefault((y2 - y1, x2 - x1), ([], []))
             xs.append(image[:, y1:y2, x1:x2])
             ys.append(label[y1:y2, x1:x2])

@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclip_lab.attention import (
-    AttentionInputs,
-    Variant,
-    merge_heads,
-    softmax_attention,
-    split_heads,
-)
+from sclip_lab.attention import AttentionInputs, merge_heads, softmax_attention, split_heads
 from sclip_lab.errors import UserError
+from sclip_lab.knobs import Variant
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +231,23 @@ class TrunkOutput:
 
 @dataclass(frozen=True)
 class LastBlock:
-    """A built last-block variant: the registered attention with its parameters bound."""
+    """A built last-block variant: the registered attention with its knobs bound, and the
+    block around it (``sclip_lab.knobs``: residual, MLP, output scale alpha)."""
 
     variant: Variant
     params: Mapping
     early_layers: tuple[int, ...] = ()
+    residual: bool | None = None  # None: the variant's own
+    ffn: bool | None = None
+    alpha: float = 1.0
+
+    @property
+    def keeps_residual(self) -> bool:
+        return self.variant.residual if self.residual is None else self.residual
+
+    @property
+    def keeps_ffn(self) -> bool:
+        return self.variant.ffn if self.ffn is None else self.ffn
 
     def attention(self, inputs: AttentionInputs) -> Tensor:
         return self.variant.fn(inputs, **self.params)
@@ -317,10 +324,13 @@ class DenseEncoder(nn.Module):
         inputs = self.last_inputs(trunk, last)
         attn = last.attention(inputs)
         out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
-        if not last.variant.residual:
-            return out
-        x = x + block.ls_1(out)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        if last.alpha != 1:
+            out = out * last.alpha
+        # Without the residual, the output is o itself; CLIP's layer scale belongs to x + o.
+        x = x + block.ls_1(out) if last.keeps_residual else out
+        if last.keeps_ffn:
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x
 
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
         return self.head(self.trunk(images, last.early_layers), last)

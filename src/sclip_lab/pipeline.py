@@ -16,7 +16,8 @@ from torch import Tensor
 
 from sclip_lab import attention as attn
 from sclip_lab import segment
-from sclip_lab.errors import ConfigError, integer, number
+from sclip_lab.errors import ConfigError, integer
+from sclip_lab.knobs import BindContext
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section, patch_logits
 from sclip_lab.text import classifier, split_queries
 
@@ -25,13 +26,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Preprocess:
+    """Resize to ``short_side``, then ``window``×``window`` crops every ``stride`` pixels;
+    ``window=None`` is the whole image in one window (NACLIP's VOC protocol)."""
+
     short_side: int
-    window: int = 224
+    window: int | None = 224
     stride: int = 112
 
     def __post_init__(self):
-        for key in ("short_side", "window", "stride"):
-            integer(getattr(self, key), f"preprocess.{key}", 1)
+        integer(self.short_side, "preprocess.short_side", 1)
+        integer(self.stride, "preprocess.stride", 1)
+        if self.window is None:
+            return
+        integer(self.window, "preprocess.window", 1)
         if self.stride > self.window:
             raise ConfigError(f"preprocess.stride={self.stride} > preprocess.window="
                               f"{self.window} would leave pixels no window covers; use a "
@@ -45,13 +52,21 @@ class Preprocess:
     def from_section(cls, section: Mapping[str, Any] | Preprocess) -> Preprocess:
         if isinstance(section, Preprocess):
             return section
-        return cls(*(integer(section[k], f"preprocess.{k}", 1)
-                     for k in ("short_side", "window", "stride")))
+        window = section["window"]
+        return cls(integer(section["short_side"], "preprocess.short_side", 1),
+                   None if window is None else integer(window, "preprocess.window", 1),
+                   integer(section["stride"], "preprocess.stride", 1))
 
     def __call__(self, image: np.ndarray) -> Tensor:
         """``(H, W, 3)`` uint8 RGB -> ``(3, Hr, Wr)``: the only place the short side is
         applied (DataLoader workers call it too)."""
         return segment.preprocess(image, self.short_side)
+
+    def boxes(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """The windows ``(y1, y2, x1, x2)`` of a resized ``height × width`` image."""
+        if self.window is None:
+            return [(0, height, 0, width)]
+        return segment.window_boxes(height, width, self.window, self.stride)
 
 
 @dataclass(frozen=True)
@@ -79,70 +94,25 @@ def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
 def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
                      encoder: DenseEncoder,
                      learned: tuple[Tensor, Tensor | None] | None = None) -> LastBlock:
-    """Validate an attention (+ projection) section and bind its parameters.
+    """Validate an attention section against its variant's declared knobs and bind them.
 
     Args:
-        attention: ``cfg.attention`` (``name`` plus the variant's knobs).
-        projection: ``cfg.projection`` or None (csa then uses qk, the published default).
+        attention: ``cfg.attention`` (``name``, the variant's knobs, the block knobs).
+        projection: ``cfg.projection`` or None (variants that take one: csa).
         encoder: the dense encoder whose last block supplies W_q / W_k.
         learned: the trained (W, b) for ``projection=learned``.
     """
-    name = attention.get("name")
-    try:
-        variant = attn.get_variant(name)
-    except ValueError as e:
-        raise ConfigError(f"{e} (attention=<name>)") from None
-    attention = dict(attention)
-    size_key = "kernel"
-    if name == "local" and "window" in attention and "kernel" not in attention:
-        size_key = "window"  # the local size's old name (records and direct callers)
-        attention["kernel"] = attention.pop("window")
-    unknown = sorted(set(attention) - {"name"} - set(variant.params))
-    if unknown:
-        knobs = ", ".join(k for k in variant.params if k != "projections") or "none"
-        raise ConfigError(f"attention={name} has no knob {unknown[0]!r} (its knobs: {knobs}); "
-                          f"drop attention.{unknown[0]}")
-    if projection is not None and name != "csa":
-        raise ConfigError(f"attention={name} has no projection; projection={projection['name']}"
-                          " applies to attention=csa only (drop the projection override)")
-    depth = encoder.depth
-    params: dict[str, Any] = {}
-    early_layers: tuple[int, ...] = ()
-    if name in ("sharpen", "csa"):
-        t = number(attention.get("temperature", attn.HEAD_TEMPERATURE), "temperature")
-        if t < 0 or (name == "csa" and t == 0):
-            raise ConfigError(f"temperature={t} is impossible: use a value > 0"
-                              + (" (0 = hard max is for attention=sharpen)" if t == 0 else ""))
-        params["temperature"] = t
-    if name == "local":
-        params["kernel"] = integer(attention.get("kernel"), size_key, 1, odd=True)
-    if name == "early":
-        params["layer"] = integer(attention.get("layer"), "layer", 1, depth)
-        early_layers = (params["layer"],)
-    if name == "naclip":
-        params["sigma"] = number(attention.get("sigma", 5.0), "sigma", above=0)
-    if name == "csa":
-        proj = dict(projection or {"name": attn.DEFAULT_PROJECTION})
-        mode = proj.get("name")
-        if mode not in attn.PROJECTIONS:
-            raise ConfigError(f"unknown projection={mode!r}; "
-                              f"choose one of {list(attn.PROJECTIONS)}")
-        n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
-        trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
-        combine = attention.get("combine") or proj.get("combine") or attn.DEFAULT_COMBINE
-        if combine not in attn.COMBINES:
-            raise ConfigError(f"combine={combine!r}; choose one of {list(attn.COMBINES)}")
-        block = encoder.visual.transformer.resblocks[-1]
-        width = block.attn.embed_dim
-        if mode == "learned" and learned is not None and tuple(learned[0].shape) != (
-                width, width):
-            raise ConfigError(f"the learned projection is {tuple(learned[0].shape)} but this "
-                              f"model's last block is {width} wide; train one for this model "
-                              "with python -m sclip_lab.learn")
-        params["projections"] = attn.csa_projections(mode, block.attn, n=n, trial=trial,
-                                                     learned=learned)
-        params["combine"] = combine
-    return LastBlock(variant, params, early_layers)
+    variant = attn.get_variant(attention.get("name"))
+    if projection is not None and not variant.projection:
+        raise ConfigError(f"attention={variant.name} has no projection; projection="
+                          f"{projection['name']} applies to attention=csa only (drop the "
+                          "projection override)")
+    knobs, block = variant.bind(attention, encoder.depth)
+    borrowed = tuple(variant.borrows(knobs))
+    if variant.prepare is not None:
+        block_attn = encoder.visual.transformer.resblocks[-1].attn
+        knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
+    return LastBlock(variant, knobs, borrowed, **block)
 
 
 @dataclass(frozen=True)
@@ -214,8 +184,7 @@ class Segmenter:
         batched across images by window size, keeping ``early_layers``' attention maps."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
-            boxes = segment.window_boxes(img.shape[1], img.shape[2], self.prep.window,
-                                         self.prep.stride)
+            boxes = self.prep.boxes(img.shape[1], img.shape[2])
             for size, group in segment.group_by_size(boxes).items():
                 owners.setdefault(size, []).extend((i, box) for box in group)
         groups = []
@@ -314,7 +283,7 @@ def build_segmenter(
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
     clip, info = clip_from_section(model, precision, device)
     encoder = DenseEncoder(clip.visual)
-    if prep.window < encoder.patch:
+    if prep.window is not None and prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "
                           f"{encoder.patch}-pixel patch of {info['arch']}")
     head = build_head(attention, projection, postprocess, encoder, learned)

@@ -21,9 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sclip_lab.attention import DEFAULT_COMBINE, DEFAULT_PROJECTION
+from sclip_lab.attention import ATTENTIONS, DEFAULT_COMBINE, DEFAULT_PROJECTION
 from sclip_lab.errors import ConfigError, message_of
 from sclip_lab.files import write_json_atomic
+from sclip_lab.knobs import BLOCK_NAMES, record_value, summary_fields
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-co
             "numpy", "opencv-python-headless", "sclip_lab")
 # The parts of a resolved config that determine a run's numbers (top-level knobs such as
 # n or window reach them by interpolation); speed, paths and logging are left out.
+# The summary fields of the attention knobs, from the variants' declarations.
+KNOB_FIELDS = summary_fields(list(ATTENTIONS.values()))
+# Dataset keys added after the first records: absent from their keys while at these values.
+VOCABULARY_DEFAULTS = {"synonyms": True, "background_word": None}
 RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
                "text", "precision", "limit")
 
@@ -43,12 +48,32 @@ def result_key(config: Mapping[str, Any]) -> str:
     """Hash of the result-relevant part of a resolved config (the sweep resume key)."""
     relevant = {k: config.get(k) for k in RESULT_KEYS}
     if isinstance(relevant["dataset"], Mapping):  # where archives come from changes no number
-        relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"}
+        relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"
+                               and not (k in VOCABULARY_DEFAULTS
+                                        and v == VOCABULARY_DEFAULTS[k])}
     att = relevant["attention"]
-    if isinstance(att, Mapping) and "kernel" in att:  # the local size's old name: same keys
-        relevant["attention"] = {("window" if k == "kernel" else k): v for k, v in att.items()}
+    if isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
+        relevant["attention"] = ATTENTIONS[att["name"]].key_section(att)
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def knob_fields(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Every declared knob's field (``KNOB_FIELDS``): the variant's own as configured
+    (null = its default; lists as ``qq+kk``), others None, block knobs resolved."""
+    variant = ATTENTIONS.get(section["name"])
+    out = dict.fromkeys(summary_fields(list(ATTENTIONS.values())))  # incl. later registrations
+    if variant is None:
+        return out
+    for knob in variant.knobs:
+        keys = [k for k in (knob.name, *knob.aliases) if section.get(k) is not None]
+        value = section[keys[0]] if keys else knob.default
+        out[knob.field] = record_value(value)
+    defaults = variant.block_defaults()
+    for name in BLOCK_NAMES:
+        value = section.get(name)
+        out[name] = defaults[name] if value is None else value
+    return out
 
 
 def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
@@ -68,6 +93,9 @@ def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
     # csa without a projection group runs its default projection set (qk).
     projection = (proj or {"name": DEFAULT_PROJECTION}) if name == "csa" else None
     random_proj = projection is not None and projection["name"] == "random"
+    knobs = knob_fields(att)
+    if projection is not None:  # csa's combine: its own, else the projection set's
+        knobs["combine"] = att.get("combine") or projection.get("combine") or DEFAULT_COMBINE
     return {
         "dataset": config["dataset"]["name"],
         "model": info.get("arch", config["model"]["arch"]),
@@ -76,13 +104,9 @@ def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
         "projection": None if projection is None else projection["name"],
         "n": projection.get("n") if random_proj else None,
         "trial": projection.get("trial") if random_proj else None,
-        "combine": (att.get("combine") or projection.get("combine") or DEFAULT_COMBINE)
-        if projection is not None else None,
-        "temperature": att.get("temperature"),
-        "window": att.get("kernel", att.get("window")),  # the local size, named as in old records
-        "layer": att.get("layer"),
-        "sigma": att.get("sigma"),
+        **knobs,
         "postprocess": (config.get("postprocess") or {}).get("name", "none"),
+        "protocol": (config.get("protocol") or {}).get("name", "sclip"),
         "short_side": config["preprocess"]["short_side"],
         "crop": config["preprocess"]["window"],
         "stride": config["preprocess"]["stride"],

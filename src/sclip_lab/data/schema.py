@@ -81,6 +81,8 @@ class DatasetConfig:
     prob_thd: float = MISSING
     area_thd: float | None = MISSING   # null: off
     expected_images: int = MISSING
+    synonyms: bool = True              # false: each class by its first name alone
+    background_word: str | None = None  # with synonyms=false: the name of class 0
     source: str = "files"
     train: dict[str, Any] = field(default_factory=dict)  # overrides for the training split
     hf: HFConfig = field(default_factory=HFConfig)
@@ -146,6 +148,13 @@ def dataset_config(section: Mapping) -> dict[str, Any]:
     return OmegaConf.to_container(merged)  # type: ignore[return-value]
 
 
+def first_names(classes: tuple[str, ...], background_word: str | None) -> tuple[str, ...]:
+    """One name per class (``dataset.synonyms=false``, ClearCLIP's vocabulary): each line's
+    first name; class 0 becomes ``background_word`` when one is given."""
+    names = tuple(line.split(",")[0].strip() for line in classes)
+    return ((background_word,) + names[1:]) if background_word else names
+
+
 def spec_from_config(section: Mapping) -> BenchmarkSpec:
     """Validate a dataset section (``cfg.dataset``) and build its spec.
 
@@ -181,6 +190,8 @@ def spec_from_config(section: Mapping) -> BenchmarkSpec:
     if cfg["expected_images"] < 0:
         raise DataError(f"{where}: dataset.expected_images={cfg['expected_images']} must "
                         "be ≥ 0")
+    if not cfg["synonyms"]:
+        classes = first_names(classes, cfg["background_word"])
     return BenchmarkSpec(
         name=name, classes=classes, root=cfg["root"], img_dir=cfg["img_dir"],
         img_suffix=cfg["img_suffix"], ann_dir=cfg["ann_dir"], ann_suffix=cfg["ann_suffix"],

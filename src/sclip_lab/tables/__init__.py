@@ -31,7 +31,10 @@ from sclip_lab.tables.layout import (
     TABLE_NUMBERS,
     Row,
     TableSpec,
+    named_tables,
     preprocess_modes,
+    table_id,
+    table_ids,
     table_spec,
     uncovered_variants,
 )
@@ -50,6 +53,7 @@ __all__ = [
     "PRESETS", "TABLE1_COLUMNS", "TABLE_NUMBERS", "Row", "Table", "TableSpec", "build_table",
     "console_frame", "csv_frame", "display_frame", "field_value", "flops_column",
     "latex_text", "load_local_records", "load_wandb_records", "matches", "pick_records",
-    "plot_table", "preprocess_modes", "preprocess_of", "select_model", "table_spec",
-    "to_latex", "uncovered_variants", "vit_for", "write_table",
+    "named_tables", "plot_table", "preprocess_modes", "preprocess_of", "select_model",
+    "table_id", "table_ids", "table_spec", "to_latex", "uncovered_variants", "vit_for",
+    "write_table",
 ]

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sclip_lab.attention import DEFAULT_PROJECTION, HEAD_TEMPERATURE
+from sclip_lab.attention import ATTENTIONS, DEFAULT_PROJECTION, HEAD_TEMPERATURE
 from sclip_lab.flops import VIT_B16, open_clip_vit, protocol_flops
+from sclip_lab.knobs import BLOCK_NAMES, record_value
 from sclip_lab.records import iter_records, summary_row
 from sclip_lab.tables.layout import (
     AVG,
@@ -127,19 +128,29 @@ def select_model(records: Sequence[Mapping[str, Any]], model: str | None = None,
 
 
 def field_value(summary: Mapping[str, Any], name: str) -> Any:
-    """A summary field, with the protocol defaults for fields a hand-made record may omit
-    (csa: ``attention.DEFAULT_PROJECTION``, τ = ``HEAD_TEMPERATURE``, the set's combine)."""
+    """A summary field, with the defaults for fields a record may omit: csa's
+    (``attention.DEFAULT_PROJECTION``, τ = ``HEAD_TEMPERATURE``, the set's combine), then
+    the variant's declared knob defaults and block (older records have no block fields)."""
     value = summary.get(name)
     if value is not None:
         return value
     if name == "postprocess":
         return "none"
+    if name == "protocol":  # records from before protocols ran SCLIP's
+        return "sclip"
     if summary.get("attention") == "csa":
         projection = summary.get("projection") or DEFAULT_PROJECTION
         defaults = {"projection": projection, "temperature": HEAD_TEMPERATURE,
                     "combine": projection_combine(projection)}
-        return defaults.get(name)
-    return None
+        if name in defaults:
+            return defaults[name]
+    variant = ATTENTIONS.get(summary.get("attention"))
+    if variant is None:
+        return None
+    if name in BLOCK_NAMES:  # records from before the block knobs: the variant's own block
+        return variant.block_defaults()[name]
+    knob = next((k for k in variant.knobs if k.field == name), None)
+    return None if knob is None else record_value(knob.default)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -156,6 +167,8 @@ def preprocess_of(row: Row, dataset: str, short_sides: Mapping[str, int] = DEFAU
     Rows without their own preprocessing (Tables 1–3) take the dataset's default short
     side from ``short_sides`` (one of ``PRESETS``) with 224 windows and stride 112.
     """
+    if isinstance(row.preprocess, Mapping):
+        return row.preprocess[dataset]
     if row.preprocess is not None:
         return row.preprocess
     return short_sides[dataset], DEFAULT_CROP, DEFAULT_STRIDE
@@ -242,12 +255,12 @@ def vit_for(model: str | None) -> dict[str, Any]:
         return dict(VIT_B16)
 
 
-def build_table(number: int, records: Sequence[Mapping[str, Any]],
+def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
                 vit: Mapping[str, Any] | None = None, preset: str = "sclip") -> Table:
     """Fill Table ``number`` from summary dicts (oldest first; see :func:`pick_records`).
 
     Args:
-        number: 1–4.
+        number: 1–4, or a named table (``layout.named_tables``).
         records: summary dicts in the ``result.json`` summary schema, of one model.
         vit: architecture for Table 4's FLOPs (keyword arguments of ``vit_encoder_flops``);
             default ViT-B/16.
@@ -299,7 +312,7 @@ def build_table(number: int, records: Sequence[Mapping[str, Any]],
 
 def _warn(table: Table, message: str) -> None:
     table.warnings.append(message)
-    log.warning("table %d: %s", table.spec.number, message)
+    log.warning("%s: %s", table.spec.stem, message)
 
 
 def _missing_message(missing: Mapping[str, list[str]], n_rows: int, names: list[str]) -> str:

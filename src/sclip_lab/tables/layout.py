@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from sclip_lab.config import CONF_DIR, paper_short_side, variant_overrides
 from sclip_lab.errors import ConfigError, message_of
-from sclip_lab.records import summary_of
+from sclip_lab.records import KNOB_FIELDS, summary_of
 from sclip_lab.tables.paper import (
     ABLATION_DATASETS,
     TABLE1,
@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 TABLE_NUMBERS = (1, 2, 3, 4)
 MISSING = "–"  # an empty cell
 AVG = "avg"  # Table 1's "Avg." column
-# The summary fields that tell variants apart; ``trial`` is averaged, not matched.
-MATCH_FIELDS = ("attention", "projection", "n", "combine", "temperature", "window", "layer",
-                "sigma", "postprocess")
+# The summary fields that tell variants apart (every declared knob's, from the registry);
+# ``trial`` is averaged, not matched.
+MATCH_FIELDS = tuple(dict.fromkeys(("attention", "projection", "n", "combine", *KNOB_FIELDS,
+                                    "postprocess", "protocol")))
 
 TABLE1_COLUMNS = dict(zip(TABLE1_DATASETS, ("VOC21", "Context60", "Object", "VOC20",
                                                   "City.", "Ctx59", "ADE20k", "Stuff.")))
@@ -54,8 +55,8 @@ ABLATION_COLUMNS = dict(zip(ABLATION_DATASETS, ("VOC21", "Context59", "COCO-Stuf
 
 # Tables 1–3 use the dataset's own preprocessing (conf/preprocess/dataset.yaml): its short
 # side (conf/dataset/*.yaml, the published code's) with these windows and stride.
-_DATASET_PREPROCESS = OmegaConf.load(CONF_DIR / "preprocess" / "dataset.yaml")
-DEFAULT_CROP, DEFAULT_STRIDE = int(_DATASET_PREPROCESS.window), int(_DATASET_PREPROCESS.stride)
+_SCLIP_PROTOCOL = OmegaConf.load(CONF_DIR / "protocol" / "sclip.yaml").protocol
+DEFAULT_CROP, DEFAULT_STRIDE = int(_SCLIP_PROTOCOL.window), int(_SCLIP_PROTOCOL.stride)
 DEFAULT_SHORT_SIDE = {p.stem: int(OmegaConf.load(p).short_side)
                       for p in sorted((CONF_DIR / "dataset").glob("*.yaml"))}
 # docs/protocol.md §9 "paper" preset: the paper's Table 1 setting, 336 everywhere but Cityscapes.
@@ -72,7 +73,8 @@ class Row:
         label: the row label in CSV, console and figures.
         latex: the row label in LaTeX.
         match: summary fields that must equal these values (see ``collect.field_value``).
-        preprocess: ``(short_side, crop, stride)``; None = the dataset's default.
+        preprocess: ``(short_side, crop, stride)``, or one per dataset (a method's protocol;
+            crop None = whole image); None = the dataset's default.
         trials: the row averages random-projection trials (mean ± std over ``trial``).
     """
 
@@ -80,7 +82,7 @@ class Row:
     label: str
     latex: str
     match: Mapping[str, Any]
-    preprocess: tuple[int, int, int] | None = None
+    preprocess: tuple[int, int, int] | Mapping[str, tuple] | None = None  # or per dataset
     trials: bool = False
 
 
@@ -88,13 +90,24 @@ class Row:
 class TableSpec:
     """A table: its rows, dataset columns and the paper's values."""
 
-    number: int
+    number: int | str  # 1–4, or the name of a sweep with a table: section
     title: str
     index_name: str
     rows: tuple[Row, ...]
     columns: Mapping[str, str]  # dataset name -> column label
     paper: Mapping[str, Mapping[str, float]]
-    paper_avg: Mapping[str, float] | None = None  # Table 1's "Avg." column
+    paper_avg: Mapping[str, float] | None = None  # an "Avg." column (Table 1, grids)
+
+    @property
+    def heading(self) -> str:
+        """``Table 3: title`` for the paper's tables, the title alone for the others."""
+        return f"Table {self.number}: {self.title}" if isinstance(self.number, int) \
+            else self.title
+
+    @property
+    def stem(self) -> str:
+        """Output file name: ``table3`` or the sweep's name (``clearclip_grid``)."""
+        return f"table{self.number}" if isinstance(self.number, int) else str(self.number)
 
 
 # number -> (title, index name, columns, the paper's values, the paper's "Avg.")
@@ -110,9 +123,31 @@ _TABLES = {
 }
 
 
+def named_tables() -> tuple[str, ...]:
+    """Sweeps under ``conf/sweep/`` with a ``table:`` section (e.g. ``clearclip_grid``)."""
+    return tuple(sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml")
+                        if "table" in OmegaConf.load(p)))
+
+
+def table_ids() -> tuple[int | str, ...]:
+    """Every table ``make_tables`` can build: 1–4, then the named ones."""
+    return (*TABLE_NUMBERS, *named_tables())
+
+
+def table_id(text: str | int) -> int | str:
+    """``"3"`` -> 3, a name -> itself; unknown ids are a ConfigError listing the choices."""
+    value = int(text) if str(text).isdigit() else str(text)
+    if value not in table_ids():
+        raise ConfigError(f"no table {text!r}; tables are "
+                          f"{', '.join(map(str, table_ids()))}")
+    return value
+
+
 @cache
-def table_spec(number: int) -> TableSpec:
-    """The layout of the paper's Table ``number`` (1–4)."""
+def table_spec(number: int | str) -> TableSpec:
+    """The layout of the paper's Table ``number`` (1–4), or of a named sweep's table."""
+    if isinstance(number, str):
+        return named_spec(number)
     if number not in _TABLES:
         raise ValueError(f"no table {number}; tables are {list(TABLE_NUMBERS)}")
     title, index_name, columns, values, avg = _TABLES[number]
@@ -120,27 +155,50 @@ def table_spec(number: int) -> TableSpec:
     return TableSpec(number, title, index_name, rows, columns, values, avg)
 
 
-def sweep(number: int) -> Any:
-    """``conf/sweep/tableN.yaml`` as written (interpolations unresolved)."""
-    return OmegaConf.load(CONF_DIR / "sweep" / f"table{number}.yaml")
+def named_spec(name: str) -> TableSpec:
+    """A sweep's own table (``table:`` in ``conf/sweep/<name>.yaml``): its title, columns,
+    published values, and rows composed with ``table.base`` (the protocol it runs), each
+    with that protocol's preprocessing per dataset."""
+    meta = sweep(name).get("table")
+    if meta is None:
+        raise ConfigError(f"conf/sweep/{name}.yaml has no table: section")
+    meta = OmegaConf.to_container(meta)
+    base = tuple(meta.get("base") or ())
+    columns = dict(meta["columns"])
+    preprocess = {}
+    for dataset, config in zip(columns, composed_configs([f"dataset={d}" for d in columns],
+                                                         name, base)):
+        p = config["preprocess"]
+        preprocess[dataset] = (p["short_side"], p["window"], p["stride"])
+    rows = tuple(Row(r.key, r.label, r.latex, r.match, preprocess, r.trials)
+                 for r in sweep_rows(name, base))
+    return TableSpec(name, meta["title"], meta.get("index_name", "Row"), rows, columns,
+                     meta.get("paper") or {}, meta.get("paper_avg"))
 
 
-def sweep_rows(number: int) -> tuple[Row, ...]:
-    """Table ``number``'s rows from the ``rows:`` of its sweep config."""
+def sweep(number: int | str) -> Any:
+    """``conf/sweep/tableN.yaml`` (or ``<name>.yaml``) as written (interpolations unresolved)."""
+    stem = f"table{number}" if isinstance(number, int) else number
+    return OmegaConf.load(CONF_DIR / "sweep" / f"{stem}.yaml")
+
+
+def sweep_rows(number: int | str, base: Sequence[str] = ()) -> tuple[Row, ...]:
+    """Table ``number``'s rows from the ``rows:`` of its sweep config (composed on ``base``)."""
+    where = f"table{number}" if isinstance(number, int) else number
     entries = [dict(entry) for entry in sweep(number).get("rows") or []]
     for entry in entries:
         if not {"variant", "key", "label"} <= entry.keys():
-            raise ConfigError(f"conf/sweep/table{number}.yaml: the rows: entry {entry} needs "
+            raise ConfigError(f"conf/sweep/{where}.yaml: the rows: entry {entry} needs "
                               "variant, key and label (latex is optional)")
-    configs = composed_configs([str(e["variant"]) for e in entries], f"table{number}")
+    configs = composed_configs([str(e["variant"]) for e in entries], where, base)
     rows = []
     for entry, config in zip(entries, configs):
         match, trials = match_of(config)
         rows.append(Row(str(entry["key"]), str(entry["label"]),
                         str(entry.get("latex", entry["label"])), match, trials=trials))
     for entry in uncovered_variants(number):
-        log.warning("conf/sweep/table%d.yaml: variant '%s' has no entry in rows: and is not "
-                    "tabulated", number, entry)
+        log.warning("conf/sweep/%s.yaml: variant '%s' has no entry in rows: and is not "
+                    "tabulated", where, entry)
     return tuple(rows)
 
 
@@ -193,17 +251,19 @@ def uncovered_variants(number: int) -> list[str]:
     return [str(v) for v in config.get("variants") or [] if settings(str(v)) not in covered]
 
 
-_CONFIGS: dict[str, dict[str, Any]] = {}
+_CONFIGS: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
 
 
-def composed_configs(entries: Sequence[str], where: str) -> list[dict[str, Any]]:
-    """The resolved run config of each variant entry (``conf/run.yaml`` plus its overrides,
-    composed by Hydra as ``sclip_lab.run`` does); cached per entry.
+def composed_configs(entries: Sequence[str], where: str, base: Sequence[str] = ()
+                     ) -> list[dict[str, Any]]:
+    """The resolved run config of each variant entry (``conf/run.yaml`` plus ``base`` and
+    the entry's overrides, composed by Hydra as ``sclip_lab.run`` does); cached.
 
     Raises:
         ConfigError: an entry does not compose (``where`` names its sweep in the message).
     """
-    todo = [e for e in dict.fromkeys(entries) if e not in _CONFIGS]
+    base = tuple(base)
+    todo = [e for e in dict.fromkeys(entries) if (base, e) not in _CONFIGS]
     if todo:
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
@@ -218,13 +278,13 @@ def composed_configs(entries: Sequence[str], where: str) -> list[dict[str, Any]]
                 for entry in todo:
                     try:
                         extra = variant_overrides(entry) if entry.strip() else []
-                        cfg = compose("run", overrides=extra)
+                        cfg = compose("run", overrides=[*base, *extra])
                     except Exception as e:  # Hydra's errors name the unknown group or key
                         raise ConfigError(f"{where} row '{entry}': "
                                           f"{message_of(e).splitlines()[0]}") from None
-                    _CONFIGS[entry] = OmegaConf.to_container(cfg, resolve=True)
+                    _CONFIGS[base, entry] = OmegaConf.to_container(cfg, resolve=True)
         finally:
             if outer is not None:  # the context replaced the singleton: ask for it again
                 GlobalHydra.instance().clear()
                 GlobalHydra.instance().initialize(outer)
-    return [_CONFIGS[e] for e in entries]
+    return [_CONFIGS[base, e] for e in entries]

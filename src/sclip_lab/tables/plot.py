@@ -36,7 +36,7 @@ def plot_table(table: Table, stem: Path) -> list[Path]:
             sharex=False, palette="deep")
         grid.set_titles("{col_name}")
         grid.set_axis_labels("mIoU (%)", "")
-        grid.figure.suptitle(f"Table {table.spec.number}: {table.spec.title}", y=1.02)
+        grid.figure.suptitle(table.spec.heading, y=1.02)
         for path in paths:
             grid.figure.savefig(path, bbox_inches="tight", dpi=150)
     plt.close(grid.figure)

@@ -122,9 +122,9 @@ def to_latex(table: Table) -> str:
     return styler.to_latex(
         hrules=True, multicol_align="c", position_float="centering",
         column_format="l" * n_text + "r" * (frame.shape[1] - n_text + 1),
-        caption=f"Table {table.spec.number}: {latex_text(table.spec.title)}. Ours vs the paper; "
+        caption=f"{latex_text(table.spec.heading)}. Ours vs the paper; "
                 r"$\Delta$ = ours $-$ paper.",
-        label=f"tab:table{table.spec.number}")
+        label=f"tab:{table.spec.stem}")
 
 
 def console_frame(table: Table) -> pd.DataFrame:
@@ -140,8 +140,9 @@ def console_frame(table: Table) -> pd.DataFrame:
 
 
 def write_table(table: Table, out: Path) -> list[Path]:
-    """``tableN.csv``, ``tableN.tex``, ``tableN.png``, ``tableN.pdf`` under ``out``."""
-    stem = out / f"table{table.spec.number}"
+    """``<stem>.csv``, ``.tex``, ``.png``, ``.pdf`` under ``out`` (stem: ``tableN`` or the
+    named table's)."""
+    stem = out / table.spec.stem
     csv_frame(table).to_csv(stem.with_suffix(".csv"), encoding="utf-8")
     stem.with_suffix(".tex").write_text(to_latex(table), encoding="utf-8")
     return [stem.with_suffix(".csv"), stem.with_suffix(".tex"), *plot_table(table, stem)]
