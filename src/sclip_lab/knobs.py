@@ -26,6 +26,7 @@ from sclip_lab.errors import number as to_number
 
 KINDS = ("int", "float", "bool", "choice", "terms", "floats")
 DEPTH = "depth"  # a knob's ``high``: the model's number of blocks
+TRUNK_DEPTH = "depth-1"  # a knob's ``high``: the blocks before the last
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class Knob:
             return "true or false"
         words = ["an odd integer" if self.odd else "an integer" if self.kind == "int"
                  else "a number" + (" or one per term" if self.kind == "floats" else "")]
-        high = depth if self.high == DEPTH and depth is not None else self.high
+        high = self._high(depth)
         if self.above is not None:
             words.append(f"> {self.above:g}")
         if self.low is not None:
@@ -84,6 +85,11 @@ class Knob:
         if high is not None:
             words.append(f"≤ {high}")
         return " ".join(words) + (" or null" if self.nullable else "")
+
+    def _high(self, depth: int | None) -> int | float | str | None:
+        if self.high in (DEPTH, TRUNK_DEPTH) and depth is not None:
+            return depth - (self.high == TRUNK_DEPTH)
+        return self.high
 
     def describe(self) -> str:
         """``name (rule, default d)`` for listings."""
@@ -124,7 +130,7 @@ class Knob:
             if number != int(number):
                 raise ConfigError(f"{key}={value} is not an integer")
             number = int(number)
-        high = depth if self.high == DEPTH else self.high
+        high = self._high(depth)
         if ((self.low is not None and number < self.low)
                 or (self.above is not None and number <= self.above)
                 or (high is not None and number > high)
@@ -162,9 +168,17 @@ class Variant:
         residual / ffn: the block around it by default (ClearCLIP and NACLIP drop both).
         doc: one line for listings.
         borrows: bound knobs -> blocks (1-indexed) whose vanilla maps it reads.
+        hidden: bound knobs -> trunk hidden states it reads (``h_l`` after block l; 0 is
+            the embedding after ln_pre).
         prepare: bound knobs, context -> the keyword arguments of ``fn`` (cross-checks,
             weights such as CSA's projection set).
         projection: accepts the ``projection`` group (CSA).
+        output: ``attention`` (fn returns A) or ``tokens`` (fn returns the last block's
+            output ``(B, N, D)`` itself: multi-block paths such as CLIP Surgery's).
+        readout: ``(feats (B, N, E) unit rows incl. CLS, queries (Q, E), **knobs) ->
+            (B, h·w, Q)`` patch logits, instead of the patches' cosine (logit hooks).
+        maps: for ``tokens`` variants, ``(inputs, **knobs) -> (B, heads, N, N)``: the last
+            block's attention on their path, for figures.
     """
 
     name: str
@@ -174,8 +188,21 @@ class Variant:
     ffn: bool = True
     doc: str = ""
     borrows: Callable[[Mapping[str, Any]], tuple[int, ...]] = field(default=lambda p: ())
+    hidden: Callable[[Mapping[str, Any]], tuple[int, ...]] = field(default=lambda p: ())
     prepare: Callable[[dict, BindContext], dict] | None = None
     projection: bool = False
+    output: str = "attention"
+    readout: Callable[..., Tensor] | None = None
+    maps: Callable[..., Tensor] | None = None
+
+    def attention_map(self, inputs: Any, params: Mapping[str, Any]) -> Tensor:
+        """``(B, heads, N, N)``: the last block's attention under this variant."""
+        if self.output == "attention":
+            return self.fn(inputs, **params)
+        if self.maps is None:
+            raise ConfigError(f"attention={self.name} computes its output over several "
+                              "blocks and draws no single attention map")
+        return self.maps(inputs, **params)
 
     def knob(self, key: str) -> Knob | None:
         for k in self.knobs:

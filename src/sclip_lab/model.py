@@ -222,11 +222,26 @@ class TrunkOutput:
         x: ``(B, N, D)`` input of the last block.
         grid: ``(h, w)`` patch grid.
         early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention map of that block.
+        hidden: layer l -> ``(B, N, D)`` stream after block l (0: after ln_pre).
     """
 
     x: Tensor
     grid: tuple[int, int]
     early: dict[int, Tensor] = field(default_factory=dict)
+    hidden: dict[int, Tensor] = field(default_factory=dict)
+
+    def select(self, start: int, stop: int) -> TrunkOutput:
+        """Windows ``start:stop`` of the batch."""
+        return TrunkOutput(self.x[start:stop], self.grid,
+                           {k: v[start:stop] for k, v in self.early.items()},
+                           {k: v[start:stop] for k, v in self.hidden.items()})
+
+    @staticmethod
+    def cat(parts: Sequence[TrunkOutput]) -> TrunkOutput:
+        """Window batches of the same grid, concatenated."""
+        return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid,
+                           {k: torch.cat([p.early[k] for p in parts]) for k in parts[0].early},
+                           {k: torch.cat([p.hidden[k] for p in parts]) for k in parts[0].hidden})
 
 
 @dataclass(frozen=True)
@@ -237,6 +252,7 @@ class LastBlock:
     variant: Variant
     params: Mapping
     early_layers: tuple[int, ...] = ()
+    hidden_layers: tuple[int, ...] = ()
     residual: bool | None = None  # None: the variant's own
     ffn: bool | None = None
     alpha: float = 1.0
@@ -250,7 +266,8 @@ class LastBlock:
         return self.variant.ffn if self.ffn is None else self.ffn
 
     def attention(self, inputs: AttentionInputs) -> Tensor:
-        return self.variant.fn(inputs, **self.params)
+        """``(B, heads, N, N)``: the last block's attention matrix."""
+        return self.variant.attention_map(inputs, self.params)
 
 
 class DenseEncoder(nn.Module):
@@ -279,17 +296,23 @@ class DenseEncoder(nn.Module):
                                                                ).to(x.dtype)
         return v.ln_pre(x), grid
 
-    def trunk(self, images: Tensor, early_layers: Sequence[int] = ()) -> TrunkOutput:
+    def trunk(self, images: Tensor, early_layers: Sequence[int] = (),
+              hidden_layers: Sequence[int] = ()) -> TrunkOutput:
         """Blocks 1…depth−1 on ``(B, 3, H, W)``, keeping the attention maps of ``early_layers``
-        (1-indexed; ``depth`` means the last block's own vanilla map, computed in ``head``)."""
+        (1-indexed; ``depth`` means the last block's own vanilla map, computed in ``head``)
+        and the stream after each of ``hidden_layers`` (0: the embedding after ln_pre)."""
         x, grid = self.embed(images)
-        early = {}
+        early, hidden = {}, {}
+        if 0 in hidden_layers:
+            hidden[0] = x
         for i, block in enumerate(self.visual.transformer.resblocks[:-1], start=1):
             if i in early_layers:
                 q, k, _ = attention_qkv(block, block.ln_1(x))
                 early[i] = softmax_attention(q, k)
             x = block(x)
-        return TrunkOutput(x, grid, early)
+            if i in hidden_layers:
+                hidden[i] = x
+        return TrunkOutput(x, grid, early, hidden)
 
     def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """The last block with ``last``'s attention, then ln_post and proj on every token.
@@ -311,7 +334,10 @@ class DenseEncoder(nn.Module):
         early = dict(trunk.early)
         if self.depth in last.early_layers:
             early[self.depth] = softmax_attention(q, k)
-        return AttentionInputs(z, q, k, v, trunk.grid, early)
+        block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn,
+                       "alpha": last.alpha}
+        return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
+                               self.visual.transformer.resblocks, block_knobs)
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
@@ -322,6 +348,8 @@ class DenseEncoder(nn.Module):
         block = self.visual.transformer.resblocks[-1]
         x = trunk.x
         inputs = self.last_inputs(trunk, last)
+        if last.variant.output == "tokens":  # a multi-block path computes its own output
+            return last.variant.fn(inputs, **last.params)
         attn = last.attention(inputs)
         out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
         if last.alpha != 1:
@@ -332,12 +360,23 @@ class DenseEncoder(nn.Module):
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x
 
+    def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor) -> Tensor:
+        """``(B, Q, h, w)`` patch logits: the cosine with ``queries`` ``(Q, E)``, or the
+        variant's own readout of every token's features (CLS included)."""
+        if last.variant.readout is None:
+            return patch_logits(self.head(trunk, last), queries, trunk.grid)
+        tokens = self.last_block(trunk, last)
+        feats = F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
+        scores = last.variant.readout(feats, queries.float(), **last.params)  # (B, h·w, Q)
+        return scores.transpose(1, 2).reshape(scores.shape[0], -1, *trunk.grid)
+
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
-        return self.head(self.trunk(images, last.early_layers), last)
+        return self.head(self.trunk(images, last.early_layers, last.hidden_layers), last)
 
     def pooled(self, images: Tensor, last: LastBlock) -> Tensor:
         """``(B, E)`` CLS output, the quantity open_clip's ``encode_image`` returns."""
-        tokens = self.last_block(self.trunk(images, last.early_layers), last)
+        tokens = self.last_block(self.trunk(images, last.early_layers, last.hidden_layers),
+                                 last)
         return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
 
 

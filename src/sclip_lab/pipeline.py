@@ -18,7 +18,7 @@ from sclip_lab import attention as attn
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError, integer
 from sclip_lab.knobs import BindContext
-from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section, patch_logits
+from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section
 from sclip_lab.text import classifier, split_queries
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,11 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
                           f"{projection['name']} applies to attention=csa only (drop the "
                           "projection override)")
     knobs, block = variant.bind(attention, encoder.depth)
-    borrowed = tuple(variant.borrows(knobs))
+    borrowed, hidden = tuple(variant.borrows(knobs)), tuple(variant.hidden(knobs))
     if variant.prepare is not None:
         block_attn = encoder.visual.transformer.resblocks[-1].attn
         knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
-    return LastBlock(variant, knobs, borrowed, **block)
+    return LastBlock(variant, knobs, borrowed, hidden, **block)
 
 
 @dataclass(frozen=True)
@@ -144,15 +144,6 @@ class WindowGroup:
     trunk: TrunkOutput
 
 
-def _cat_trunks(parts: Sequence[TrunkOutput]) -> TrunkOutput:
-    early = {k: torch.cat([p.early[k] for p in parts]) for k in parts[0].early}
-    return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid, early)
-
-
-def _slice_trunk(t: TrunkOutput, start: int, stop: int) -> TrunkOutput:
-    return TrunkOutput(t.x[start:stop], t.grid, {k: v[start:stop] for k, v in t.early.items()})
-
-
 @dataclass
 class Segmenter:
     """Image(s) -> logits and class maps, for one or several last-block variants.
@@ -177,11 +168,16 @@ class Segmenter:
         return tuple(sorted({i for h in heads for i in h.last.early_layers
                              if i < self.encoder.depth}))
 
+    def hidden_layers(self, heads: Sequence[Head]) -> tuple[int, ...]:
+        """Trunk hidden states some head reads (multi-block paths, mid-layer features)."""
+        return tuple(sorted({i for h in heads for i in h.last.hidden_layers}))
+
     @torch.no_grad()
-    def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = ()
-               ) -> list[WindowGroup]:
+    def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
+               hidden_layers: Sequence[int] = ()) -> list[WindowGroup]:
         """Trunk outputs of every sliding window of ``images`` (each ``(3, Hr, Wr)``),
-        batched across images by window size, keeping ``early_layers``' attention maps."""
+        batched across images by window size, keeping ``early_layers``' attention maps and
+        ``hidden_layers``' hidden states."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
             boxes = self.prep.boxes(img.shape[1], img.shape[2])
@@ -194,8 +190,8 @@ class Segmenter:
                 chunk = members[start:start + self.batch_size]
                 crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2)
                                      in chunk]).to(self.device)
-                parts.append(self.encoder.trunk(crops, early_layers))
-            groups.append(WindowGroup(members, _cat_trunks(parts)))
+                parts.append(self.encoder.trunk(crops, early_layers, hidden_layers))
+            groups.append(WindowGroup(members, TrunkOutput.cat(parts)))
         return groups
 
     @torch.no_grad()
@@ -207,9 +203,8 @@ class Segmenter:
         for g in groups:
             for start in range(0, len(g.owners), self.batch_size):
                 chunk = g.owners[start:start + self.batch_size]
-                trunk = _slice_trunk(g.trunk, start, start + len(chunk))
-                logits = patch_logits(self.encoder.head(trunk, head.last), self.queries,
-                                      trunk.grid)
+                trunk = g.trunk.select(start, start + len(chunk))
+                logits = self.encoder.logits(trunk, head.last, self.queries)
                 for (i, box), logit in zip(chunk, logits):
                     windows[i][box] = logit
         return [segment.stitch_windows(w, h, wd, tuple(size))
@@ -228,7 +223,7 @@ class Segmenter:
         """Per head, ``[image] -> (Q, H, W)`` logits of preprocessed images; the trunk runs
         once, and only one head's full-size logits are alive at a time."""
         heads = self.heads if heads is None else heads
-        groups = self.encode(resized, self.early_layers(heads))
+        groups = self.encode(resized, self.early_layers(heads), self.hidden_layers(heads))
         shapes = [tuple(r.shape[1:]) for r in resized]
         for head in heads:
             yield [self.refined(lg, r, head.refine)

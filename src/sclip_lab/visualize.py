@@ -145,7 +145,8 @@ def attention_maps(encoder: DenseEncoder, resized: Tensor, tokens: Sequence[int]
     """
     device = encoder.visual.conv1.weight.device
     borrowed = {i for last in lasts.values() for i in last.early_layers if i < encoder.depth}
-    trunk = encoder.trunk(resized[None].to(device), sorted(borrowed))
+    hidden = {i for last in lasts.values() for i in last.hidden_layers}
+    trunk = encoder.trunk(resized[None].to(device), sorted(borrowed), sorted(hidden))
     return {label: point_maps(encoder.last_attention(trunk, last), tokens, trunk.grid)
             for label, last in lasts.items()}
 

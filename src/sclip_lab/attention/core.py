@@ -14,7 +14,6 @@ biased by NACLIP's Gaussian. A new variant is one decorated function here plus
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sclip_lab.errors import ConfigError, integer
+from sclip_lab.errors import ConfigError
 from sclip_lab.knobs import DEPTH, BindContext, Knob, Variant
 
 HEAD_TEMPERATURE = 8.0  # √d_h for the 64-wide heads of every CLIP ViT
@@ -41,6 +40,12 @@ class AttentionInputs:
         grid: ``(h, w)`` patch grid; tokens are CLS then the grid row-major.
         early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention that block
             computed on this same input (only the layers a variant asked for).
+        x: ``(B, N, D)`` the last block's input (= ``h_{D−1}``).
+        hidden: layer l -> ``(B, N, D)`` the vanilla stream after block l (0: after
+            ln_pre), the layers a variant declared (``hidden=``).
+        blocks: every residual block of the tower (multi-block variants run their own
+            path over the last ones).
+        block: the bound block knobs ``residual``, ``ffn``, ``alpha``.
     """
 
     z: Tensor
@@ -49,6 +54,10 @@ class AttentionInputs:
     v: Tensor
     grid: tuple[int, int]
     early: Mapping[int, Tensor] = field(default_factory=dict)
+    x: Tensor | None = None
+    hidden: Mapping[int, Tensor] = field(default_factory=dict)
+    blocks: Sequence = ()
+    block: Mapping = field(default_factory=dict)
 
     @property
     def heads(self) -> int:
@@ -59,17 +68,23 @@ ATTENTIONS: dict[str, Variant] = {}
 
 
 def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool = True,
-                       ffn: bool = True, borrows=None, prepare=None, projection: bool = False):
-    """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs
-    (``sclip_lab.knobs``); the first docstring line is its listing. Duplicates are an error."""
+                       ffn: bool = True, borrows=None, hidden=None, prepare=None,
+                       projection: bool = False, output: str = "attention", readout=None,
+                       maps=None):
+    """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs and
+    hooks (``sclip_lab.knobs.Variant``); the first docstring line is its listing.
+    Duplicates are an error."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in ATTENTIONS:
             raise KeyError(f"attention '{name}' is already registered")
+        if output not in ("attention", "tokens"):
+            raise ValueError(f"attention '{name}': output must be attention or tokens")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        extra = {"borrows": borrows} if borrows is not None else {}
+        extra = {k: v for k, v in (("borrows", borrows), ("hidden", hidden)) if v is not None}
         ATTENTIONS[name] = Variant(name, fn, tuple(knobs), residual, ffn, doc,
-                                   prepare=prepare, projection=projection, **extra)
+                                   prepare=prepare, projection=projection, output=output,
+                                   readout=readout, maps=maps, **extra)
         return fn
 
     return wrap
@@ -283,106 +298,3 @@ def clearclip(x: AttentionInputs) -> Tensor:
 def naclip(x: AttentionInputs, sigma: float = 5.0) -> Tensor:
     """NACLIP: softmax(k kᵀ / 8 + G_σ), no residual, no MLP (recipe scores=[kk] sigma=σ)."""
     return score_attention(x, ("kk",), sigma=sigma)
-
-
-# ----------------------------------------------------------------- CSA projections
-
-PROJECTIONS = ("qk", "q", "k", "identity", "random", "learned")
-Projection = tuple[Tensor, Tensor | None] | str
-
-
-def project(x: AttentionInputs, p: Projection) -> Tensor:
-    """``R = z Wᵀ + b`` split into heads; ``"q"``/``"k"`` name the block's own q/k, which
-    are exactly z W_qᵀ + b_q and z W_kᵀ + b_k, so they are reused instead of recomputed."""
-    if isinstance(p, str):
-        return {"q": x.q, "k": x.k}[p]
-    w, b = p
-    return split_heads(F.linear(x.z, w, b), x.heads)
-
-
-def qkv_weights(attn: torch.nn.MultiheadAttention) -> list[tuple[Tensor, Tensor]]:
-    """The (weight ``(D, D)``, bias ``(D,)``) of q, k, v from a fused in_proj."""
-    ws = attn.in_proj_weight.chunk(3)
-    bs = attn.in_proj_bias.chunk(3)
-    return list(zip(ws, bs))
-
-
-def random_projections(n: int, dim: int, trial: int, dtype: torch.dtype = torch.float32
-                       ) -> list[tuple[Tensor, None]]:
-    """``n`` matrices with i.i.d. N(0, 1/dim) entries, drawn from a generator seeded by
-    ``trial`` (the same trial always gives the same matrices)."""
-    gen = torch.Generator().manual_seed(trial)
-    return [((torch.randn(dim, dim, generator=gen) / math.sqrt(dim)).to(dtype), None)
-            for _ in range(n)]
-
-
-def csa_projections(
-    mode: str,
-    attn: torch.nn.MultiheadAttention,
-    *,
-    n: int = 1,
-    trial: int = 0,
-    learned: tuple[Tensor, Tensor | None] | None = None,
-) -> list[Projection]:
-    """The projection set P of a CSA mode (docs/protocol.md §3): ``F.linear`` (weight, bias) pairs,
-    or "q"/"k" for the block's own (biased) query/key projections."""
-    (wq, _), _, _ = qkv_weights(attn)
-    dim, dtype, device = wq.shape[1], wq.dtype, wq.device
-    if mode in ("qk", "q", "k"):
-        return list(mode)
-    if mode == "identity":
-        return [(torch.eye(dim, dtype=dtype, device=device), None)]
-    if mode == "random":
-        return [(w.to(device), None) for w, _ in random_projections(n, dim, trial, dtype)]
-    if mode == "learned":
-        if learned is None:
-            raise ValueError("projection=learned needs a trained matrix (see sclip_lab.learn)")
-        w, b = learned
-        return [(w.to(device=device, dtype=dtype),
-                 None if b is None else b.to(device=device, dtype=dtype))]
-    raise ValueError(f"unknown projection '{mode}'; choose one of {list(PROJECTIONS)}")
-
-
-def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
-    """Bind the projection group (docs/protocol.md §3): mode, n, trial, combine (the
-    attention's, else the set's own), and the matrices themselves."""
-    proj = dict(ctx.projection or {"name": DEFAULT_PROJECTION})
-    mode = proj.get("name")
-    if mode not in PROJECTIONS:
-        raise ConfigError(f"unknown projection={mode!r}; choose one of {list(PROJECTIONS)}")
-    n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
-    trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
-    combine = knobs["combine"] or proj.get("combine") or DEFAULT_COMBINE
-    if combine not in COMBINES:
-        raise ConfigError(f"combine={combine!r}; choose one of {list(COMBINES)}")
-    width = ctx.attn.embed_dim
-    if mode == "learned" and ctx.learned is not None and tuple(ctx.learned[0].shape) != (
-            width, width):
-        raise ConfigError(f"the learned projection is {tuple(ctx.learned[0].shape)} but this "
-                          f"model's last block is {width} wide; train one for this model "
-                          "with python -m sclip_lab.learn")
-    projections = csa_projections(mode, ctx.attn, n=n, trial=trial, learned=ctx.learned)
-    return {"projections": projections, "combine": combine,
-            "temperature": knobs["temperature"]}
-
-
-@register_attention("csa", projection=True, prepare=prepare_csa, knobs=[
-    Knob("temperature", "float", HEAD_TEMPERATURE, "τ of every map (0 = hard max is "
-         "attention=sharpen)", above=0),
-    Knob("combine", "choice", None, "sum | mean; null = the projection set's own",
-         choices=COMBINES, nullable=True),
-])
-def csa(
-    x: AttentionInputs,
-    projections: Sequence[Projection] = ("q", "k"),
-    combine: str = DEFAULT_COMBINE,
-    temperature: float = HEAD_TEMPERATURE,
-) -> Tensor:
-    """SCLIP's correlative self-attention: Σ/mean over W of softmax(R_h R_hᵀ / τ), R = z Wᵀ + b.
-
-    ``projections`` come from the ``projection`` group (``prepare_csa``); the default
-    {W_q, W_k} sums (docs/protocol.md §3), which is recipe scores=[qq,kk].
-    """
-    maps = [softmax_attention(r, r, temperature) for r in (project(x, p) for p in projections)]
-    total = torch.stack(maps).sum(0)
-    return total / len(maps) if combine == "mean" else total
