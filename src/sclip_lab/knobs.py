@@ -168,8 +168,8 @@ class Variant:
         residual / ffn: the block around it by default (ClearCLIP and NACLIP drop both).
         doc: one line for listings.
         borrows: bound knobs -> blocks (1-indexed) whose vanilla maps it reads.
-        hidden: bound knobs -> trunk hidden states it reads (``h_l`` after block l; 0 is
-            the embedding after ln_pre).
+        hidden: (bound knobs, model depth D) -> trunk hidden states it reads (``h_l`` after
+            block l, l ≤ D − 1; 0 is the embedding after ln_pre).
         prepare: bound knobs, context -> the keyword arguments of ``fn`` (cross-checks,
             weights such as CSA's projection set).
         projection: accepts the ``projection`` group (CSA).
@@ -188,7 +188,8 @@ class Variant:
     ffn: bool = True
     doc: str = ""
     borrows: Callable[[Mapping[str, Any]], tuple[int, ...]] = field(default=lambda p: ())
-    hidden: Callable[[Mapping[str, Any]], tuple[int, ...]] = field(default=lambda p: ())
+    hidden: Callable[[Mapping[str, Any], int], tuple[int, ...]] = field(
+        default=lambda p, depth: ())
     prepare: Callable[[dict, BindContext], dict] | None = None
     projection: bool = False
     output: str = "attention"

@@ -108,7 +108,8 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
                           f"{projection['name']} applies to attention=csa only (drop the "
                           "projection override)")
     knobs, block = variant.bind(attention, encoder.depth)
-    borrowed, hidden = tuple(variant.borrows(knobs)), tuple(variant.hidden(knobs))
+    borrowed = tuple(variant.borrows(knobs))
+    hidden = tuple(variant.hidden(knobs, encoder.depth))
     if variant.prepare is not None:
         block_attn = encoder.visual.transformer.resblocks[-1].attn
         knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
