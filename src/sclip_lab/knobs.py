@@ -15,6 +15,7 @@ Every variant also accepts the block knobs (``BLOCK_KNOBS``): ``residual``, ``ff
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,11 +200,11 @@ class Variant:
     def attention_map(self, inputs: Any, params: Mapping[str, Any]) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention under this variant."""
         if self.output == "attention":
-            return self.fn(inputs, **params)
+            return call_with(self.fn, inputs, knobs=params)
         if self.maps is None:
             raise ConfigError(f"attention={self.name} computes its output over several "
                               "blocks and draws no single attention map")
-        return self.maps(inputs, **params)
+        return call_with(self.maps, inputs, knobs=params)
 
     def knob(self, key: str) -> Knob | None:
         for k in self.knobs:
@@ -257,6 +258,16 @@ class Variant:
                     else value != defaults[key]):
                 out[key] = value
         return out
+
+
+def call_with(fn: Callable[..., Any], *args: Any, knobs: Mapping[str, Any]) -> Any:
+    """``fn(*args, **knobs)`` restricted to the knobs ``fn`` names (all with ``**kwargs``),
+    so a variant's attention function and its readout hook each take only their own."""
+    params = inspect.signature(fn).parameters.values()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        names = {p.name for p in params}
+        knobs = {k: v for k, v in knobs.items() if k in names}
+    return fn(*args, **knobs)
 
 
 def record_value(value: Any) -> Any:

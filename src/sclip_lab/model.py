@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sclip_lab.attention import AttentionInputs, merge_heads, softmax_attention, split_heads
 from sclip_lab.errors import UserError
-from sclip_lab.knobs import Variant
+from sclip_lab.knobs import Variant, call_with
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class DenseEncoder(nn.Module):
         x = trunk.x
         inputs = self.last_inputs(trunk, last)
         if last.variant.output == "tokens":  # a multi-block path computes its own output
-            return last.variant.fn(inputs, **last.params)
+            return call_with(last.variant.fn, inputs, knobs=last.params)
         attn = last.attention(inputs)
         out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
         if last.alpha != 1:
@@ -367,7 +367,8 @@ class DenseEncoder(nn.Module):
             return patch_logits(self.head(trunk, last), queries, trunk.grid)
         tokens = self.last_block(trunk, last)
         feats = F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
-        scores = last.variant.readout(feats, queries.float(), **last.params)  # (B, h·w, Q)
+        scores = call_with(last.variant.readout, feats, queries.float(),
+                           knobs=last.params)  # (B, h·w, Q)
         return scores.transpose(1, 2).reshape(scores.shape[0], -1, *trunk.grid)
 
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
