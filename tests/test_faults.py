@@ -123,7 +123,7 @@ CASES = [
     ("alpha-nan", RUN, ["attention.alpha=nan"], 2, "attention.alpha=nan is not a finite"),
     ("residual-type", RUN, ["attention.residual=perhaps"], 2, "is not true/false"),
     ("protocol-unknown", RUN, ["protocol=nope"], 2, "available options in 'protocol': "
-     "clearclip, naclip, sclip"),
+     "clearclip, naclip, resclip, scclip, sclip"),
     ("pamr-steps", RUN, ["postprocess=pamr", "postprocess.steps=abc"], 2, "postprocess.steps"),
     # Paths: files where folders belong, missing data and weights.
     ("cache-dir-is-file", RUN, ["cache_dir={file}"], 2, "cache_dir {file} is a file"),
@@ -178,7 +178,8 @@ CASES = [
      "is not a directory"),
     ("tables-out-is-file", "analysis.make_tables", ["--root", "{root}", "--out", "{file}"], 2,
      "--out {file} is a file"),
-    ("tables-bad-number", "analysis.make_tables", ["--tables", "9"], 2, "invalid choice"),
+    ("tables-bad-number", "analysis.make_tables", ["--tables", "9"], 2,
+     "no table '9'; tables are 1, 2"),
     ("sync-root-missing", "sync", ["{root}/none"], 2, "no such folder"),
 ]
 

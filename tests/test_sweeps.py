@@ -20,7 +20,8 @@ TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
 @pytest.mark.parametrize("table,jobs,variants", [("table1", 8, 6), ("table2", 3, 20),
                                                  ("table3", 3, 12), ("table4", 15, 0),
                                                  ("clearclip_grid", 5, 20),
-                                                 ("naclip_grid", 8, 10)])
+                                                 ("naclip_grid", 8, 10),
+                                                 ("methods", 8, 15)])
 def test_sweep_definitions_compose(table, jobs, variants):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=[f"+sweep={table}"], return_hydra_config=True)
@@ -35,7 +36,8 @@ def test_sweep_definitions_compose(table, jobs, variants):
 
 def test_every_variant_of_every_sweep_composes():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        for table in ("table1", "table2", "table3", "clearclip_grid", "naclip_grid"):
+        for table in ("table1", "table2", "table3", "clearclip_grid", "naclip_grid",
+                      "methods"):
             cfg = compose("run", overrides=[f"+sweep={table}"])
             for entry in cfg.variants:
                 vcfg = compose("run", overrides=[f"protocol={cfg.protocol.name}",
@@ -192,3 +194,43 @@ def test_method_grids_run_as_sweeps_and_render_as_tables(tiny, tmp_path, grid, d
     others = [c for c in csv.columns if c.endswith(" ours") and c != f"{label} ours"]
     assert others and all((csv[c] == "–").all() for c in others)
     assert (out / f"{grid}.tex").is_file() and (out / f"{grid}.png").is_file()
+
+
+def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_factory):
+    """Every method of the leaderboard on one benchmark, one shared trunk pass, on a
+    12-block tiny ViT (deep enough for every method's default blocks)."""
+    import open_clip
+    import torch
+    from conftest import TINY_CONFIG, openai_state_dict
+
+    config = json.loads(json.dumps(TINY_CONFIG))
+    config["vision_cfg"].update(layers=12, width=64)
+    path = tmp_path_factory.mktemp("deep") / "sclip-deep-tiny.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    ckpt = path.with_suffix(".pt")
+    torch.save(openai_state_dict(open_clip.create_model("sclip-deep-tiny")), ckpt)
+    data = tmp_path / "data"
+    write_benchmark(data, "voc20", num_images=1, size=(48, 64))
+    sweeps = tmp_path / "sweeps"
+    proc = cli("run", "-m", "+sweep=methods", "model.arch=sclip-deep-tiny",
+               f"model.config_file={path}", f"model.pretrained={ckpt}",
+               f"cache_dir={tmp_path / 'cache'}", "num_workers=0", f"data_root={data}",
+               "logger=none", "hydra.sweeper.params.dataset=voc20",
+               env={"SCLIP_SWEEPS": str(sweeps)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = list(_records(sweeps).values())
+    assert len(recs) == 15
+    assert {r["summary"]["attention"] for r in recs} >= {"surgery", "gem", "resclip",
+                                                         "segearth_block", "scclip"}
+    out = tmp_path / "tables"
+    proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
+                           "--out", str(out), "--tables", "methods"], cwd=CONF_DIR.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pandas as pd
+
+    csv = pd.read_csv(out / "methods.csv", index_col=0, dtype=str)
+    assert (csv["VOC20 ours"] != "–").all() and (csv["ADE20k ours"] == "–").all()
+    assert csv.loc["NACLIP", "VOC20 paper"] == "79.70"

@@ -101,7 +101,9 @@ class Knob:
         """``value`` checked and converted; None takes the default unless ``nullable``.
         Messages name the key as ``where.given_as`` (an alias the user wrote)."""
         if value is None:
-            return None if self.nullable else self.default
+            if self.nullable or self.default is None:
+                return None if self.nullable else self.default
+            value = self.default  # checked too: a block default may not exist in this model
         key = f"{where}.{given_as or self.name}"
         if self.kind == "bool":
             if not isinstance(value, bool):

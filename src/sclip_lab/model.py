@@ -223,25 +223,31 @@ class TrunkOutput:
         grid: ``(h, w)`` patch grid.
         early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention map of that block.
         hidden: layer l -> ``(B, N, D)`` stream after block l (0: after ln_pre).
+        images: ``(B, 3, H, W)`` the normalised windows themselves (crop-level refinement).
     """
 
     x: Tensor
     grid: tuple[int, int]
     early: dict[int, Tensor] = field(default_factory=dict)
     hidden: dict[int, Tensor] = field(default_factory=dict)
+    images: Tensor | None = None
 
     def select(self, start: int, stop: int) -> TrunkOutput:
         """Windows ``start:stop`` of the batch."""
         return TrunkOutput(self.x[start:stop], self.grid,
                            {k: v[start:stop] for k, v in self.early.items()},
-                           {k: v[start:stop] for k, v in self.hidden.items()})
+                           {k: v[start:stop] for k, v in self.hidden.items()},
+                           None if self.images is None else self.images[start:stop])
 
     @staticmethod
     def cat(parts: Sequence[TrunkOutput]) -> TrunkOutput:
         """Window batches of the same grid, concatenated."""
+        images = None if any(p.images is None for p in parts) else torch.cat(
+            [p.images for p in parts])
         return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid,
                            {k: torch.cat([p.early[k] for p in parts]) for k in parts[0].early},
-                           {k: torch.cat([p.hidden[k] for p in parts]) for k in parts[0].hidden})
+                           {k: torch.cat([p.hidden[k] for p in parts]) for k in parts[0].hidden},
+                           images)
 
 
 @dataclass(frozen=True)
@@ -312,22 +318,22 @@ class DenseEncoder(nn.Module):
             x = block(x)
             if i in hidden_layers:
                 hidden[i] = x
-        return TrunkOutput(x, grid, early, hidden)
+        return TrunkOutput(x, grid, early, hidden, images)
 
     def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
-        """The last block with ``last``'s attention, then ln_post and proj on every token.
+        """``(B, h·w, E)`` L2-normalised patch features (CLS dropped) after ``last``'s block."""
+        return self.features(self.last_block(trunk, last))[:, 1:]
 
-        Returns:
-            ``(B, h·w, E)`` L2-normalised patch features (CLS dropped).
-        """
-        tokens = self.last_block(trunk, last)
-        v = self.visual
-        feats = v.ln_post(tokens[:, 1:]) @ v.proj
-        return F.normalize(feats.float(), dim=-1)
+    def features(self, tokens: Tensor) -> Tensor:
+        """``(B, N, D)`` block output -> ``(B, N, E)`` unit features (ln_post, proj)."""
+        return F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
 
-    def last_inputs(self, trunk: TrunkOutput, last: LastBlock) -> AttentionInputs:
+    def last_inputs(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None
+                    ) -> AttentionInputs:
         """What the last block's attention variant sees: LN1 output, per-head q/k/v with
-        in_proj biases, the grid, and borrowed maps (the last block's own vanilla map too)."""
+        in_proj biases, the grid, borrowed maps (the last block's own vanilla map too),
+        hidden states, the blocks, and for two-pass methods the text queries, the windows'
+        pixels and the readout."""
         block = self.visual.transformer.resblocks[-1]
         z = block.ln_1(trunk.x)
         q, k, v = attention_qkv(block, z)
@@ -337,17 +343,20 @@ class DenseEncoder(nn.Module):
         block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn,
                        "alpha": last.alpha}
         return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
-                               self.visual.transformer.resblocks, block_knobs)
+                               self.visual.transformer.resblocks, block_knobs, queries,
+                               trunk.images, self.features)
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
         return last.attention(self.last_inputs(trunk, last))
 
-    def last_block(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
-        """``(B, N, D)`` output of the last block under ``last``'s attention (before ln_post)."""
+    def last_block(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None
+                   ) -> Tensor:
+        """``(B, N, D)`` output of the last block under ``last``'s attention (before ln_post);
+        ``queries`` ``(Q, E)`` reach variants that read the text (two-pass methods)."""
         block = self.visual.transformer.resblocks[-1]
         x = trunk.x
-        inputs = self.last_inputs(trunk, last)
+        inputs = self.last_inputs(trunk, last, queries)
         if last.variant.output == "tokens":  # a multi-block path computes its own output
             return call_with(last.variant.fn, inputs, knobs=last.params)
         attn = last.attention(inputs)
@@ -363,10 +372,9 @@ class DenseEncoder(nn.Module):
     def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor) -> Tensor:
         """``(B, Q, h, w)`` patch logits: the cosine with ``queries`` ``(Q, E)``, or the
         variant's own readout of every token's features (CLS included)."""
+        feats = self.features(self.last_block(trunk, last, queries))
         if last.variant.readout is None:
-            return patch_logits(self.head(trunk, last), queries, trunk.grid)
-        tokens = self.last_block(trunk, last)
-        feats = F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
+            return patch_logits(feats[:, 1:], queries, trunk.grid)
         scores = call_with(last.variant.readout, feats, queries.float(),
                            knobs=last.params)  # (B, h·w, Q)
         return scores.transpose(1, 2).reshape(scores.shape[0], -1, *trunk.grid)

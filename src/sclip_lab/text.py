@@ -29,6 +29,13 @@ TEMPLATE_SETS: dict[str, tuple[Callable[[str], str], ...]] = {
     "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80, in their original order
     "single": (lambda c: f"a photo of a {c}.",),
 }
+# CLIP Surgery's 85 (xmed-lab/CLIP_Surgery clip/clip.py L255): the 80 in the same order, then
+# MaskCLIP's five scene templates.
+SCENE_TEMPLATES = ("there is a {} in the scene.", "there is the {} in the scene.",
+                   "this is a {} in the scene.", "this is the {} in the scene.",
+                   "this is one {} in the scene.")
+TEMPLATE_SETS["surgery85"] = (*TEMPLATE_SETS["openai_imagenet"],
+                              *(t.format for t in SCENE_TEMPLATES))
 
 
 def split_queries(classes: Sequence[str]) -> tuple[list[str], list[int]]:

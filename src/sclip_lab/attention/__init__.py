@@ -10,6 +10,7 @@ lives in a module of its own here and registers itself on import, below.
 from sclip_lab.attention import csa as _csa  # noqa: F401
 from sclip_lab.attention import gem as _gem  # noqa: F401
 from sclip_lab.attention import resclip as _resclip  # noqa: F401
+from sclip_lab.attention import scclip as _scclip  # noqa: F401
 from sclip_lab.attention import surgery as _surgery  # noqa: F401
 from sclip_lab.attention import trase as _trase  # noqa: F401
 from sclip_lab.attention.core import (

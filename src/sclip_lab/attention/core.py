@@ -46,6 +46,10 @@ class AttentionInputs:
         blocks: every residual block of the tower (multi-block variants run their own
             path over the last ones).
         block: the bound block knobs ``residual``, ``ffn``, ``alpha``.
+        queries: ``(Q, E)`` unit text embeddings (every query, synonyms not merged), when
+            the caller computes logits (two-pass methods such as ResCLIP's SFR).
+        images: ``(B, 3, H, W)`` the normalised windows (crop-level refinement).
+        features: ``(B, N, D)`` block output -> ``(B, N, E)`` unit features (the readout).
     """
 
     z: Tensor
@@ -58,6 +62,9 @@ class AttentionInputs:
     hidden: Mapping[int, Tensor] = field(default_factory=dict)
     blocks: Sequence = ()
     block: Mapping = field(default_factory=dict)
+    queries: Tensor | None = None
+    images: Tensor | None = None
+    features: Callable[[Tensor], Tensor] | None = None
 
     @property
     def heads(self) -> int:

@@ -1,1 +1,153 @@
-"""Placeholder: this method is being written."""
+"""CLIP Surgery (arXiv 2304.05653; github.com/xmed-lab/CLIP_Surgery @ d4696d4): a v-v
+attention path without FFN over the last blocks, and feature surgery on the logits.
+
+Architecture surgery (``clip/clip_surgery_model.py``): the last six blocks (L321 ``for i in
+range(1, 7)``) get a second path beside the vanilla one. Both read LN1 of the *vanilla*
+stream (``ResidualAttentionBlock.forward`` L253–274); the new path replaces q and k by v
+(``Attention.forward`` L81–83, scale d_h^-1/2 L63), adds its output and skips the MLP
+(L263, L273). Its output therefore has a closed form over the vanilla hidden states::
+
+    g = h_{D−n} + Σ_{l=D−n+1..D} out_proj_l(concat_h softmax(v_l v_lᵀ/√d_h) v_l),
+        v_l from LN1_l(h_{l−1})
+
+and its CLS token is the vanilla CLS output (L349 ``x[0] = x_ori[0]``), ``ln_post`` and
+``proj`` go on every token (L352–353). Feature surgery (``clip/clip.py``
+``clip_feature_surgery`` L287–308) reweights each class by the crop's vanilla CLS
+prediction and subtracts the per-token mean over classes.
+
+``surgery_last`` is the last-block approximation (v-v attention, residual, no MLP), which
+``surgery`` with ``depth=1`` and ``feature_surgery=false`` equals on the patch tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sclip_lab.attention.core import (
+    AttentionInputs,
+    merge_heads,
+    register_attention,
+    softmax_attention,
+    split_heads,
+)
+from sclip_lab.knobs import TRUNK_DEPTH, Knob
+
+SURGERY_DEPTH = 6  # clip_surgery_model.py L321: range(1, 7), the last six blocks
+# A block's attention on its path: (z, q, k, v) of that block -> (B, heads, N, N).
+BlockAttention = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+# ------------------------------------------------------------- the parallel path
+
+
+def path_layers(knobs: Mapping, depth: int) -> tuple[int, ...]:
+    """The trunk hidden states a last-``knobs["depth"]``-blocks path reads: h_{D−n} … h_{D−2}
+    (h_{D−1} is the last block's own input)."""
+    return tuple(range(depth - knobs["depth"], depth - 1))
+
+
+def stream(x: AttentionInputs, layer: int) -> Tensor:
+    """``h_layer`` of the vanilla stream: a kept trunk state, or the last block's input."""
+    return x.x if layer == len(x.blocks) - 1 else x.hidden[layer]
+
+
+def block_qkv(block, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head q, k, v ``(B, heads, N, d_h)`` of ``block``'s MHA on its LN1 output ``z``."""
+    attn = block.attn
+    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
+
+
+def side_path(x: AttentionInputs, depth: int, attention: BlockAttention) -> Tensor:
+    """``(B, N, D)``: the parallel path over the last ``depth`` blocks.
+
+    At each block l the path's attention ``A_l = attention(z_l, q_l, k_l, v_l)`` is taken on
+    ``z_l = LN1_l(h_{l−1})`` of the vanilla stream, ``o_l = out_proj_l(A_l v_l)``, and the
+    path, starting at ``h_{D−depth}``, becomes ``g + α·o_l`` (``residual``, the official
+    form) or ``α·o_l`` (ClearCLIP's ``ignore_residual``: only the last o survives), then
+    ``+ MLP(LN2(·))`` where ``ffn`` (off in the official form). Layer scale goes with the
+    residual, as in the lab's block (identity in CLIP).
+    """
+    D = len(x.blocks)
+    residual, ffn = x.block.get("residual", True), x.block.get("ffn", False)
+    alpha = x.block.get("alpha", 1.0)
+    g = stream(x, D - depth)
+    for layer in range(D - depth + 1, D + 1):
+        block = x.blocks[layer - 1]
+        if layer == D:
+            z, q, k, v = x.z, x.q, x.k, x.v
+        else:
+            z = block.ln_1(stream(x, layer - 1))
+            q, k, v = block_qkv(block, z)
+        a = attention(z, q, k, v)
+        o = block.attn.out_proj(merge_heads(a.to(v.dtype) @ v))
+        if alpha != 1:
+            o = o * alpha
+        g = g + block.ls_1(o) if residual else o
+        if ffn:
+            g = g + block.ls_2(block.mlp(block.ln_2(g)))
+    return g
+
+
+def vanilla_cls(x: AttentionInputs) -> Tensor:
+    """``(B, 1, D)``: the vanilla last block's CLS output (CLIP's own, residual and MLP)."""
+    block = x.blocks[-1]
+    a = softmax_attention(x.q[:, :, :1], x.k, x.q.shape[-1] ** 0.5)  # (B, heads, 1, N)
+    c = x.x[:, :1] + block.ls_1(block.attn.out_proj(merge_heads(a @ x.v)))
+    return c + block.ls_2(block.mlp(block.ln_2(c)))
+
+
+# ------------------------------------------------------------------ CLIP Surgery
+
+
+def vv_attention(z: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """CLIP Surgery's path attention softmax(v vᵀ/√d_h) (``Attention.forward`` L81–95)."""
+    return softmax_attention(v, v, v.shape[-1] ** 0.5)
+
+
+def feature_surgery_logits(feats: Tensor, queries: Tensor, depth: int = SURGERY_DEPTH,
+                           feature_surgery: bool = True) -> Tensor:
+    """``(B, h·w, Q)`` patch logits; with ``feature_surgery`` CLIP Surgery's
+    (``clip_feature_surgery`` L293–306, per window)::
+
+        w_t = p_t / mean_t' p_t',  p = softmax_t(2·cos(F_cls, T_t))
+        sim[i, t] = w_t·cos(F_i, T_t) − mean_t'(w_t'·cos(F_i, T_t'))
+
+    ``feats`` ``(B, N, E)`` are unit rows, CLS (the vanilla one) first; ``depth`` is
+    unused (the readout receives every knob)."""
+    cos = feats @ queries.T  # (B, N, Q)
+    if not feature_surgery:
+        return cos[:, 1:]
+    p = (2 * cos[:, :1]).softmax(-1)  # (B, 1, Q): the 2 is hard-coded at L295
+    weighted = cos[:, 1:] * (p / p.mean(-1, keepdim=True))
+    return weighted - weighted.mean(-1, keepdim=True)
+
+
+def surgery_maps(x: AttentionInputs, depth: int = SURGERY_DEPTH,
+                 feature_surgery: bool = True) -> Tensor:
+    """The last block's v-v attention on the surgery path (figures)."""
+    return vv_attention(x.z, x.q, x.k, x.v)
+
+
+@register_attention(
+    "surgery", output="tokens", residual=True, ffn=False, hidden=path_layers,
+    readout=feature_surgery_logits, maps=surgery_maps,
+    knobs=[Knob("depth", "int", SURGERY_DEPTH, "blocks on the v-v path (the last n)",
+                low=1, high=TRUNK_DEPTH),
+           Knob("feature_surgery", "bool", True, "reweight classes by the CLS prediction "
+                "and subtract the class mean (clip_feature_surgery)")])
+def surgery(x: AttentionInputs, depth: int = SURGERY_DEPTH,
+            feature_surgery: bool = True) -> Tensor:
+    """CLIP Surgery: v-v path over the last n blocks without MLP, vanilla CLS, feature surgery."""
+    g = side_path(x, depth, vv_attention)
+    return torch.cat([vanilla_cls(x).to(g.dtype), g[:, 1:]], dim=1)  # L349
+
+
+@register_attention("surgery_last", residual=True, ffn=False)
+def surgery_last(x: AttentionInputs) -> Tensor:
+    """CLIP Surgery's last-block approximation: softmax(v vᵀ/8), residual on, no MLP."""
+    return vv_attention(x.z, x.q, x.k, x.v)

@@ -179,7 +179,7 @@ def matches(summary: Mapping[str, Any], row: Row, dataset: str,
     """Whether a record fills the cell ``row`` × ``dataset`` (all fields must agree)."""
     if summary.get("dataset") != dataset:
         return False
-    if not all(_same(field_value(summary, k), v) for k, v in row.match.items()):
+    if not all(_same(field_value(summary, k), v) for k, v in row.match_for(dataset).items()):
         return False
     got = tuple(summary.get(k) for k in ("short_side", "crop", "stride"))
     want = preprocess_of(row, dataset, short_sides)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from sclip_lab.config import CONF_DIR, paper_short_side, variant_overrides
 from sclip_lab.errors import ConfigError, message_of
@@ -76,6 +76,8 @@ class Row:
         preprocess: ``(short_side, crop, stride)``, or one per dataset (a method's protocol;
             crop None = whole image); None = the dataset's default.
         trials: the row averages random-projection trials (mean ± std over ``trial``).
+        match_by_dataset: per dataset, ``match`` where a knob's default depends on the
+            benchmark (``${by_dataset:...}`` in a variant's file, e.g. ResCLIP's λ).
     """
 
     key: str
@@ -84,6 +86,12 @@ class Row:
     match: Mapping[str, Any]
     preprocess: tuple[int, int, int] | Mapping[str, tuple] | None = None  # or per dataset
     trials: bool = False
+    match_by_dataset: Mapping[str, Mapping[str, Any]] | None = None
+    variant: str = ""  # the sweep entry that fills it
+
+    def match_for(self, dataset: str) -> Mapping[str, Any]:
+        """The fields a record of ``dataset`` must match (knobs may differ per dataset)."""
+        return (self.match_by_dataset or {}).get(dataset, self.match)
 
 
 @dataclass(frozen=True)
@@ -170,10 +178,26 @@ def named_spec(name: str) -> TableSpec:
                                                          name, base)):
         p = config["preprocess"]
         preprocess[dataset] = (p["short_side"], p["window"], p["stride"])
-    rows = tuple(Row(r.key, r.label, r.latex, r.match, preprocess, r.trials)
+    rows = tuple(Row(r.key, r.label, r.latex, r.match, preprocess, r.trials,
+                     per_dataset_matches(r.variant, base, columns), r.variant)
                  for r in sweep_rows(name, base))
     return TableSpec(name, meta["title"], meta.get("index_name", "Row"), rows, columns,
                      meta.get("paper") or {}, meta.get("paper_avg"))
+
+
+def per_dataset_matches(entry: str, base: Sequence[str], datasets: Sequence[str]
+                        ) -> dict[str, dict[str, Any]]:
+    """The row's match fields with ``dataset.name`` set to each of ``datasets`` (what a
+    variant's per-benchmark knob defaults resolve to), from its composed config."""
+    composed_configs([entry], entry, base)
+    raw = _RAW[tuple(base), entry]
+    out = {}
+    for dataset in datasets:
+        cfg = raw.copy()
+        with open_dict(cfg):
+            cfg.dataset.name = dataset
+        out[dataset] = match_of(OmegaConf.to_container(cfg, resolve=True))[0]
+    return out
 
 
 def sweep(number: int | str) -> Any:
@@ -195,7 +219,8 @@ def sweep_rows(number: int | str, base: Sequence[str] = ()) -> tuple[Row, ...]:
     for entry, config in zip(entries, configs):
         match, trials = match_of(config)
         rows.append(Row(str(entry["key"]), str(entry["label"]),
-                        str(entry.get("latex", entry["label"])), match, trials=trials))
+                        str(entry.get("latex", entry["label"])), match, trials=trials,
+                        variant=str(entry["variant"])))
     for entry in uncovered_variants(number):
         log.warning("conf/sweep/%s.yaml: variant '%s' has no entry in rows: and is not "
                     "tabulated", where, entry)
@@ -252,6 +277,7 @@ def uncovered_variants(number: int) -> list[str]:
 
 
 _CONFIGS: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
+_RAW: dict[tuple[tuple[str, ...], str], Any] = {}  # the same, interpolations unresolved
 
 
 def composed_configs(entries: Sequence[str], where: str, base: Sequence[str] = ()
@@ -283,6 +309,7 @@ def composed_configs(entries: Sequence[str], where: str, base: Sequence[str] = (
                         raise ConfigError(f"{where} row '{entry}': "
                                           f"{message_of(e).splitlines()[0]}") from None
                     _CONFIGS[base, entry] = OmegaConf.to_container(cfg, resolve=True)
+                    _RAW[base, entry] = cfg
         finally:
             if outer is not None:  # the context replaced the singleton: ask for it again
                 GlobalHydra.instance().clear()
