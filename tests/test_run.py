@@ -35,7 +35,16 @@ def test_run_writes_record_and_offline_wandb_and_is_deterministic(tiny, tmp_path
     assert rec["status"] == "finished" and rec["num_images"] == 2
     assert rec["summary"]["projection"] == "random" and rec["summary"]["n"] == 16
     assert rec["config"]["projection"]["n"] == 16
-    assert set(rec["per_class_iou"]) == set(rec["config"]["dataset"]["classes"])
+    # per-class IoU keyed by display name; the full query lines are stored once
+    assert rec["classes"] == rec["config"]["dataset"]["classes"]
+    assert list(rec["per_class_iou"]) == ["background"] + [
+        c.split(", ")[0] for c in rec["classes"][1:]]
+    import pandas as pd
+
+    table = pd.read_csv(out1 / "per_class_iou.csv")
+    assert list(table.columns) == ["class", "iou", "queries"]
+    assert list(table["class"]) == list(rec["per_class_iou"])
+    assert "per-class IoU" in p1.stderr + p1.stdout
     assert rec["versions"]["torch"] and "git_commit" in rec
     assert {"setup_s", "eval_s"} <= set(rec["timings"])
     assert list((out1 / "wandb").glob("offline-run-*")), "an offline W&B run is written"

@@ -177,6 +177,8 @@ def test_latex_has_booktabs_and_bold_best(built):
     assert r"\textbf{57.4}" not in tex and r"\textbf{59.1}" not in tex  # paper never bold
     tex1 = (built / "table1.tex").read_text(encoding="utf-8")
     assert r"mIoU (\%)" in tex1 and r"\textbf{60.0}" in tex1  # SCLIP* is VOC21's best
+    # LaTeX numbers the caption itself: it must not start with "Table 1:" again
+    assert r"\caption{mIoU" in tex1 and "(the paper's Table 1)" in tex1
     tex4 = (built / "table4.tex").read_text(encoding="utf-8")
     assert r"\#4 & 448 & 224 & 112 & 7.5$\times$ & $\sim$9$\times$" in tex4
 

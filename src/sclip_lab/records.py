@@ -16,7 +16,7 @@ import logging
 import platform
 import subprocess
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -150,9 +150,10 @@ def environment() -> dict[str, Any]:
 
 def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
                  per_class: Mapping[str, float | None], info: Mapping[str, Any],
-                 num_images: int, timings: Mapping[str, float], variant: str | None = None
-                 ) -> dict[str, Any]:
-    """A finished evaluation's record (``config`` resolved, metrics in %)."""
+                 num_images: int, timings: Mapping[str, float], variant: str | None = None,
+                 classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """A finished evaluation's record (``config`` resolved, metrics in %): ``per_class``
+    keyed by each class's display name, ``classes`` its full query lines (synonyms)."""
     return {
         "status": FINISHED,
         "key": key,
@@ -161,6 +162,7 @@ def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, floa
         "variant": variant or None,
         "metrics": dict(metrics),
         "per_class_iou": dict(per_class),
+        "classes": None if classes is None else list(classes),
         "num_images": num_images,
         "model": dict(info),
         "timings": dict(timings),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +31,7 @@ from sclip_lab import data, viz
 from sclip_lab.build import head_from_config, segmenter_from_config, slug, variant_configs
 from sclip_lab.cli import hydra_entry
 from sclip_lab.errors import UserError, check_writable_dir, integer, message_of
+from sclip_lab.files import atomic_target
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
 from sclip_lab.pipeline import Preprocess, Segmenter
@@ -169,24 +171,52 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
     return kept
 
 
+PER_CLASS_FILE = "per_class_iou.csv"
+
+
+def per_class_table(per_class: Mapping[str, float | None], columns: int = 3) -> str:
+    """mmseg-style console table: ``name  IoU`` cells, ``columns`` per line ("–" = absent
+    from the split)."""
+    cells = [f"{name[:22]:<22} {'–' if v is None else f'{v:6.2f}':>6}"
+             for name, v in per_class.items()]
+    return "\n".join("  " + "   ".join(cells[i:i + columns])
+                     for i in range(0, len(cells), columns))
+
+
+def write_per_class_csv(path: Path, per_class: Mapping[str, float | None],
+                        classes: Sequence[str]) -> None:
+    """``class,iou,queries`` per class (empty IoU for a class absent from the split)."""
+    frame = pd.DataFrame({"class": list(per_class), "iou": list(per_class.values()),
+                          "queries": list(classes)})
+    with atomic_target(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.4f")
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Display names made unique for record keys: a repeated name gets ``#index``."""
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
 def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_images: int,
                timings: Mapping[str, float]) -> dict[str, Any]:
     """Compute a job's metrics, log them, save overlays, write its record and W&B run."""
     config = OmegaConf.to_container(job.cfg, resolve=True)
     scores = job.metric.compute()
+    names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
     per_class = {name: (None if torch.isnan(v) else round(float(v), 4))
-                 for name, v in zip(spec.classes, scores["per_class_iou"])}
+                 for name, v in zip(unique_names(names), scores["per_class_iou"])}
     metrics = {k: float(scores[k]) for k in METRICS}
     label = job.label or job.cfg.attention.name
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
+    log.info("%s [%s] per-class IoU (%%):\n%s", spec.name, label, per_class_table(per_class))
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
+    write_per_class_csv(job.run_dir / PER_CLASS_FILE, per_class, spec.classes)
     for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
-                          job.label)
+                          job.label, classes=spec.classes)
     # The record first: nothing that happens to the logging afterwards can lose it.
     path = write_record(job.run_dir, record)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")

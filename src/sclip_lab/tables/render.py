@@ -122,9 +122,17 @@ def to_latex(table: Table) -> str:
     return styler.to_latex(
         hrules=True, multicol_align="c", position_float="centering",
         column_format="l" * n_text + "r" * (frame.shape[1] - n_text + 1),
-        caption=f"{latex_text(table.spec.heading)}. Ours vs the paper; "
+        caption=f"{latex_text(caption_text(table.spec))}. Ours vs the paper; "
                 r"$\Delta$ = ours $-$ paper.",
         label=f"tab:{table.spec.stem}")
+
+
+def caption_text(spec) -> str:
+    """The caption without "Table N:", which LaTeX's ``\\caption`` prints itself; the
+    paper's number goes in words."""
+    if isinstance(spec.number, int):
+        return f"{spec.title} (the paper's Table {spec.number})"
+    return spec.title
 
 
 def console_frame(table: Table) -> pd.DataFrame:
