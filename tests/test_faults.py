@@ -121,6 +121,9 @@ CASES = [
     ("recipe-empty", RUN, ["attention=recipe", "attention.scores=[]"], 2, "scores=[] is empty"),
     ("alpha-zero", RUN, ["attention.alpha=0"], 2, "attention.alpha=0 is out of range"),
     ("alpha-nan", RUN, ["attention.alpha=nan"], 2, "attention.alpha=nan is not a finite"),
+    # knobs are checked before the model is loaded (here: missing weights come second)
+    ("knob-before-model", RUN, ["attention.alpha=0", "model.pretrained={root}/none.pt"], 2,
+     "attention.alpha=0 is out of range"),
     ("residual-type", RUN, ["attention.residual=perhaps"], 2, "is not true/false"),
     ("protocol-unknown", RUN, ["protocol=nope"], 2, "available options in 'protocol': "
      "clearclip, naclip, resclip, scclip, sclip"),

@@ -88,8 +88,8 @@ class Knob:
         return " ".join(words) + (" or null" if self.nullable else "")
 
     def _high(self, depth: int | None) -> int | float | str | None:
-        if self.high in (DEPTH, TRUNK_DEPTH) and depth is not None:
-            return depth - (self.high == TRUNK_DEPTH)
+        if self.high in (DEPTH, TRUNK_DEPTH):  # unknown before the model is loaded
+            return None if depth is None else depth - (self.high == TRUNK_DEPTH)
         return self.high
 
     def describe(self) -> str:

@@ -91,6 +91,26 @@ def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
     return Refine(steps, dil)
 
 
+def _variant(attention: Mapping[str, Any], projection: Mapping[str, Any] | None):
+    variant = attn.get_variant(attention.get("name"))
+    if projection is not None and not variant.projection:
+        raise ConfigError(f"attention={variant.name} has no projection; projection="
+                          f"{projection['name']} applies to attention=csa only (drop the "
+                          "projection override)")
+    return variant
+
+
+def check_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
+               postprocess: Mapping[str, Any] | None) -> None:
+    """What a head's config can be checked for before the model exists (knob types and
+    ranges, the projection set, post-processing): bad values fail in the first second."""
+    variant = _variant(attention, projection)
+    variant.bind(attention, None)
+    if variant.projection:
+        attn.check_projection(projection, attention.get("combine"))
+    build_refine(postprocess)
+
+
 def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
                      encoder: DenseEncoder,
                      learned: tuple[Tensor, Tensor | None] | None = None) -> LastBlock:
@@ -102,11 +122,7 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
         encoder: the dense encoder whose last block supplies W_q / W_k.
         learned: the trained (W, b) for ``projection=learned``.
     """
-    variant = attn.get_variant(attention.get("name"))
-    if projection is not None and not variant.projection:
-        raise ConfigError(f"attention={variant.name} has no projection; projection="
-                          f"{projection['name']} applies to attention=csa only (drop the "
-                          "projection override)")
+    variant = _variant(attention, projection)
     knobs, block = variant.bind(attention, encoder.depth)
     borrowed = tuple(variant.borrows(knobs))
     hidden = tuple(variant.hidden(knobs, encoder.depth))
@@ -277,6 +293,7 @@ def build_segmenter(
     batch_size = integer(batch_size, "batch_size", 1)
     if not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
+    check_head(attention, projection, postprocess)  # before the (slow) model load
     clip, info = clip_from_section(model, precision, device)
     encoder = DenseEncoder(clip.visual)
     if prep.window is not None and prep.window < encoder.patch:

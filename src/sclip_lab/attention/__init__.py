@@ -42,6 +42,7 @@ from sclip_lab.attention.core import (
 from sclip_lab.attention.csa import (
     PROJECTIONS,
     Projection,
+    check_projection,
     csa,
     csa_projections,
     project,
@@ -51,7 +52,8 @@ from sclip_lab.attention.csa import (
 
 __all__ = [
     "ATTENTIONS", "COMBINES", "DEFAULT_COMBINE", "DEFAULT_PROJECTION", "HEAD_TEMPERATURE",
-    "PROJECTIONS", "TERMS", "AttentionInputs", "Projection", "csa", "csa_projections", "early",
+    "PROJECTIONS", "TERMS", "AttentionInputs", "Projection", "check_projection", "csa",
+    "csa_projections", "early",
     "gaussian_grid_bias", "get_variant", "grid_coords", "hard_max_attention", "local",
     "maskclip", "merge_heads", "neighbourhood_mask", "neighbourhood_scale", "project",
     "qkv_weights", "random_projections", "register_attention", "score_attention",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,18 +79,26 @@ def csa_projections(
     raise ValueError(f"unknown projection '{mode}'; choose one of {list(PROJECTIONS)}")
 
 
-def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
-    """Bind the projection group (docs/protocol.md §3): mode, n, trial, combine (the
-    attention's, else the set's own), and the matrices themselves."""
-    proj = dict(ctx.projection or {"name": DEFAULT_PROJECTION})
+def check_projection(projection: Mapping[str, Any] | None, combine: str | None = None
+                     ) -> tuple[str, int, int, str]:
+    """``(mode, n, trial, combine)`` of a projection section (None: the default set),
+    checked without the model; ``combine`` is the attention's, which wins."""
+    proj = dict(projection or {"name": DEFAULT_PROJECTION})
     mode = proj.get("name")
     if mode not in PROJECTIONS:
         raise ConfigError(f"unknown projection={mode!r}; choose one of {list(PROJECTIONS)}")
     n = integer(proj.get("n", 1), "n", 1) if mode == "random" else 1
     trial = integer(proj.get("trial", 0), "trial", 0) if mode == "random" else 0
-    combine = knobs["combine"] or proj.get("combine") or DEFAULT_COMBINE
+    combine = combine or proj.get("combine") or DEFAULT_COMBINE
     if combine not in COMBINES:
         raise ConfigError(f"combine={combine!r}; choose one of {list(COMBINES)}")
+    return mode, n, trial, combine
+
+
+def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
+    """Bind the projection group (docs/protocol.md §3): mode, n, trial, combine (the
+    attention's, else the set's own), and the matrices themselves."""
+    mode, n, trial, combine = check_projection(ctx.projection, knobs["combine"])
     width = ctx.attn.embed_dim
     if mode == "learned" and ctx.learned is not None and tuple(ctx.learned[0].shape) != (
             width, width):
