@@ -226,3 +226,11 @@ def test_learned_projection_trains_then_evaluates(tiny, tiny_inproc, tmp_path):
         evaluate_in_process([*base, "projection.steps=5", "projection.auto_train=false"],
                             tmp_path / "e4")
     assert not (tmp_path / "e4" / "result.json").exists()
+
+
+def test_help_lists_commands_groups_and_knobs():
+    proc = cli("run", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "python -m sclip_lab.predict" in out and "analysis/make_tables.py" in out
+    assert "protocol: clearclip, naclip" in out and "attention.residual" in out
