@@ -83,6 +83,24 @@ def enc(tiny_model):
     return DenseEncoder(tiny_model.visual)
 
 
+@pytest.fixture(scope="session")
+def images():
+    """Two windows on a non-square 6×7 patch grid, the second rescaled so that per-window
+    constants differ (modules that need other pixels define their own)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 96, 112, generator=gen)
+    x[1] = 0.3 * x[1] + 0.5
+    return x
+
+
+@pytest.fixture(scope="session")
+def queries(enc):
+    """Five random unit text embeddings in the tiny model's embedding space."""
+    gen = torch.Generator().manual_seed(5)
+    return torch.nn.functional.normalize(
+        torch.randn(5, enc.visual.proj.shape[1], generator=gen), dim=-1)
+
+
 def cli(module: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m sclip_lab.<module> overrides...`` offline from the repository root."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

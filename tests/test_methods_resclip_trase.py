@@ -47,20 +47,6 @@ ATOL, RTOL = 1e-5, 1e-4
 # ------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def images():
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 96, 112, generator=gen)  # 6×7 patches: rows ≠ columns
-    x[1] = 0.3 * x[1] + 0.5
-    return x
-
-
-@pytest.fixture(scope="module")
-def queries(enc):
-    gen = torch.Generator().manual_seed(5)
-    return F.normalize(torch.randn(5, enc.visual.proj.shape[1], generator=gen), dim=-1)
-
-
 def run_lab(enc, images, section):
     """``(last block output, attention map, trunk)`` of the lab under ``section``."""
     last = build_last_block(section, None, enc)

@@ -37,20 +37,6 @@ ATOL, RTOL = 1e-5, 1e-4
 BASE = {"name": "scclip", "pre_layer": 2, "post_layer": 1, "multi_start": 1, "multi_end": 3}
 
 
-@pytest.fixture(scope="module")
-def images():
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 96, 112, generator=gen)  # 6×7 patches: rows ≠ columns
-    x[1] = 0.3 * x[1] + 0.5
-    return x
-
-
-@pytest.fixture(scope="module")
-def queries(enc):
-    gen = torch.Generator().manual_seed(5)
-    return F.normalize(torch.randn(5, enc.visual.proj.shape[1], generator=gen), dim=-1)
-
-
 def lab(enc, images, section, queries=None):
     """``(block output, logits or None, main attention map, trunk)`` of the lab."""
     last = build_last_block(section, None, enc)
