@@ -245,7 +245,7 @@ def test_csa_rows_sum(enc, trunk, projection, row_sum):
 
 
 def _attention_of(enc, trunk: TrunkOutput, last):
-    from sclip_lab.model import attention_qkv
+    from sclip_lab.attention import attention_qkv
 
     block = enc.visual.transformer.resblocks[-1]
     z = block.ln_1(trunk.x)

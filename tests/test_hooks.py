@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from sclip_lab import attention as attn
+from sclip_lab.attention import attention_qkv
 from sclip_lab.errors import ConfigError
 from sclip_lab.knobs import Knob
-from sclip_lab.model import attention_qkv, patch_logits
+from sclip_lab.model import patch_logits
 from sclip_lab.pipeline import build_last_block
 
 

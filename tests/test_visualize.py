@@ -17,9 +17,8 @@ from hydra import compose, initialize_config_dir
 from sclip_lab import attention as attn
 from sclip_lab import segment, viz
 from sclip_lab import visualize as vis
-from sclip_lab.attention import AttentionInputs, merge_heads
+from sclip_lab.attention import AttentionInputs, attention_qkv, merge_heads
 from sclip_lab.config import CONF_DIR
-from sclip_lab.model import attention_qkv
 from sclip_lab.pipeline import ConfigError, build_last_block
 
 MIN_BYTES = 5_000  # a real figure, not an empty canvas

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclip_lab.attention import AttentionInputs, merge_heads, softmax_attention, split_heads
+from sclip_lab.attention import (
+    AttentionInputs,
+    around,
+    attention_qkv,
+    merge_heads,
+    softmax_attention,
+)
 from sclip_lab.errors import UserError
 from sclip_lab.knobs import Variant, call_with
 
@@ -207,13 +213,6 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
 
 
-def attention_qkv(block: nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-head q, k, v ``(B, heads, N, d_h)`` of a block's MHA on its LN1 output z."""
-    attn = block.attn
-    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
-
-
 @dataclass
 class TrunkOutput:
     """Blocks 1…depth−1 applied to a window batch.
@@ -361,13 +360,7 @@ class DenseEncoder(nn.Module):
             return call_with(last.variant.fn, inputs, knobs=last.params)
         attn = last.attention(inputs)
         out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
-        if last.alpha != 1:
-            out = out * last.alpha
-        # Without the residual, the output is o itself; CLIP's layer scale belongs to x + o.
-        x = x + block.ls_1(out) if last.keeps_residual else out
-        if last.keeps_ffn:
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        return x
+        return around(block, x, out, last.keeps_residual, last.keeps_ffn, last.alpha)
 
     def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor) -> Tensor:
         """``(B, Q, h, w)`` patch logits: the cosine with ``queries`` ``(Q, E)``, or the

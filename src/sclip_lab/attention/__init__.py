@@ -21,6 +21,8 @@ from sclip_lab.attention.core import (
     HEAD_TEMPERATURE,
     TERMS,
     AttentionInputs,
+    around,
+    attention_qkv,
     early,
     gaussian_grid_bias,
     get_variant,
@@ -52,7 +54,8 @@ from sclip_lab.attention.csa import (
 
 __all__ = [
     "ATTENTIONS", "COMBINES", "DEFAULT_COMBINE", "DEFAULT_PROJECTION", "HEAD_TEMPERATURE",
-    "PROJECTIONS", "TERMS", "AttentionInputs", "Projection", "check_projection", "csa",
+    "PROJECTIONS", "TERMS", "AttentionInputs", "Projection", "around", "attention_qkv",
+    "check_projection", "csa",
     "csa_projections", "early",
     "gaussian_grid_bias", "get_variant", "grid_coords", "hard_max_attention", "local",
     "maskclip", "merge_heads", "neighbourhood_mask", "neighbourhood_scale", "project",

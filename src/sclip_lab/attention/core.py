@@ -115,6 +115,24 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, N, heads * d)
 
 
+def attention_qkv(block: torch.nn.Module, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head q, k, v ``(B, heads, N, d_h)`` of a block's MHA on its LN1 output z."""
+    attn = block.attn
+    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
+
+
+def around(block: torch.nn.Module, x: Tensor, o: Tensor, residual: bool, ffn: bool,
+           alpha: float = 1.0) -> Tensor:
+    """``(B, N, D)``: the block around its attention output ``o``: α·o, plus the input ``x``
+    where ``residual`` (CLIP's layer scale goes with it), then + MLP(LN2(·)) where ``ffn``
+    (docs/protocol.md §2; every method's block knobs)."""
+    if alpha != 1:
+        o = o * alpha
+    y = x + block.ls_1(o) if residual else o
+    return y + block.ls_2(block.mlp(block.ln_2(y))) if ffn else y
+
+
 def softmax_attention(a: Tensor, b: Tensor, temperature: float = HEAD_TEMPERATURE) -> Tensor:
     """``softmax(a bᵀ / τ)`` over the last axis: ``(B, heads, N, d)`` twice ->
     ``(B, heads, N, N)``.

@@ -76,6 +76,7 @@ from sclip_lab import segment
 from sclip_lab.attention.core import (
     HEAD_TEMPERATURE,
     AttentionInputs,
+    around,
     gaussian_grid_bias,
     grid_coords,
     merge_heads,
@@ -171,13 +172,8 @@ def block_output(x: AttentionInputs, attention: Tensor) -> Tensor:
     (``x.block``: residual, ffn, alpha), as ``DenseEncoder.last_block`` computes it."""
     block = x.blocks[-1]
     out = block.attn.out_proj(merge_heads(attention.to(x.v.dtype) @ x.v))
-    alpha = x.block.get("alpha", 1.0)
-    if alpha != 1:
-        out = out * alpha
-    y = x.x + block.ls_1(out) if x.block.get("residual", False) else out
-    if x.block.get("ffn", False):
-        y = y + block.ls_2(block.mlp(block.ln_2(y)))
-    return y
+    return around(block, x.x, out, x.block.get("residual", False), x.block.get("ffn", False),
+                  x.block.get("alpha", 1.0))
 
 
 def patch_size(x: AttentionInputs) -> int:

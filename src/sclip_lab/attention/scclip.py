@@ -52,11 +52,13 @@ from torch import Tensor
 
 from sclip_lab.attention.core import (
     AttentionInputs,
+    around,
+    attention_qkv,
     grid_coords,
     merge_heads,
     register_attention,
 )
-from sclip_lab.attention.surgery import block_qkv, stream, vanilla_cls
+from sclip_lab.attention.surgery import stream, vanilla_cls
 from sclip_lab.errors import ConfigError
 from sclip_lab.knobs import TRUNK_DEPTH, BindContext, Knob
 
@@ -142,7 +144,7 @@ def sim_attention(k: Tensor, sim: Tensor, sim_scale: float) -> Tensor:
 
 def attend(block, tokens: Tensor, sim: Tensor, sim_scale: float) -> tuple[Tensor, Tensor]:
     """``(out_proj(A v), A)`` of ``block`` on ``tokens`` (``custom_attn``, CLS first)."""
-    _, k, v = block_qkv(block, block.ln_1(tokens))
+    _, k, v = attention_qkv(block, block.ln_1(tokens))
     a = sim_attention(k, sim, sim_scale)
     return block.attn.out_proj(merge_heads(a @ v)), a
 
@@ -160,9 +162,7 @@ def path_block(x: AttentionInputs, block, tokens: Tensor, o: Tensor) -> Tensor:
     """The block knobs around o (default: o alone, as SC-CLIP): α·o, + input, + MLP."""
     residual, ffn, alpha = (x.block.get(k, d) for k, d in (("residual", False),
                                                            ("ffn", False), ("alpha", 1.0)))
-    o = o * alpha if alpha != 1 else o
-    y = tokens + block.ls_1(o) if residual else o
-    return y + block.ls_2(block.mlp(block.ln_2(y))) if ffn else y
+    return around(block, tokens, o, residual, ffn, alpha)
 
 
 def scclip_path(x: AttentionInputs, lof_k: int = LOF_K, contamination: float = CONTAMINATION,

@@ -24,15 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sclip_lab.attention.core import (
     AttentionInputs,
+    around,
+    attention_qkv,
     merge_heads,
     register_attention,
     softmax_attention,
-    split_heads,
 )
 from sclip_lab.knobs import TRUNK_DEPTH, Knob
 
@@ -55,13 +55,6 @@ def stream(x: AttentionInputs, layer: int) -> Tensor:
     return x.x if layer == len(x.blocks) - 1 else x.hidden[layer]
 
 
-def block_qkv(block, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-head q, k, v ``(B, heads, N, d_h)`` of ``block``'s MHA on its LN1 output ``z``."""
-    attn = block.attn
-    q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    return tuple(split_heads(t, attn.num_heads) for t in (q, k, v))
-
-
 def side_path(x: AttentionInputs, depth: int, attention: BlockAttention) -> Tensor:
     """``(B, N, D)``: the parallel path over the last ``depth`` blocks.
 
@@ -82,14 +75,10 @@ def side_path(x: AttentionInputs, depth: int, attention: BlockAttention) -> Tens
             z, q, k, v = x.z, x.q, x.k, x.v
         else:
             z = block.ln_1(stream(x, layer - 1))
-            q, k, v = block_qkv(block, z)
+            q, k, v = attention_qkv(block, z)
         a = attention(z, q, k, v)
         o = block.attn.out_proj(merge_heads(a.to(v.dtype) @ v))
-        if alpha != 1:
-            o = o * alpha
-        g = g + block.ls_1(o) if residual else o
-        if ffn:
-            g = g + block.ls_2(block.mlp(block.ln_2(g)))
+        g = around(block, g, o, residual, ffn, alpha)
     return g
 
 
