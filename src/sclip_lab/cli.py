@@ -121,8 +121,7 @@ def unknown_knob_message(key: str) -> str:
     variant = ATTENTIONS.get(chosen[-1] if chosen else "csa")
     if variant is None:
         return f"attention has no knob {key!r}"
-    return (f"attention={variant.name} has no knob {key!r}; its knobs: {variant.knob_list()} "
-            f"(drop attention.{key})")
+    return variant.unknown_knob(key)
 
 
 def hydra_entry(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:

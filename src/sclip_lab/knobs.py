@@ -221,6 +221,11 @@ class Variant:
         own = ", ".join(k.describe() for k in self.knobs) or "none of its own"
         return f"{own}; every variant: residual, ffn, alpha"
 
+    def unknown_knob(self, key: str) -> str:
+        """The message for ``attention.<key>`` that this variant does not declare."""
+        return (f"attention={self.name} has no knob {key!r}; its knobs: {self.knob_list()} "
+                f"(drop attention.{key})")
+
     def bind(self, section: Mapping[str, Any], depth: int | None = None
              ) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(knobs, block)`` of a config section (``name`` plus knobs; null = default)."""
@@ -228,8 +233,7 @@ class Variant:
         given = {k: v for k, v in section.items() if k != "name"}
         for key in given:
             if self.knob(key) is None and key not in BLOCK_NAMES and given[key] is not None:
-                raise ConfigError(f"{where} has no knob {key!r}; its knobs: {self.knob_list()}"
-                                  f" (drop attention.{key})")
+                raise ConfigError(self.unknown_knob(key))
         knobs = {}
         try:
             for k in self.knobs:
