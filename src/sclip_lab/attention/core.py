@@ -143,10 +143,14 @@ def softmax_attention(a: Tensor, b: Tensor, temperature: float = HEAD_TEMPERATUR
     return scores.softmax(-1).to(a.dtype)
 
 
+def argmax_rows(scores: Tensor, dtype: torch.dtype) -> Tensor:
+    """One-hot at each row's argmax (ties → lowest): the τ → 0 limit of a softmax."""
+    return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(dtype)
+
+
 def hard_max_attention(a: Tensor, b: Tensor) -> Tensor:
     """τ → 0 limit of ``softmax(a bᵀ/τ)``: one-hot at each row's argmax (ties → lowest)."""
-    scores = a @ b.transpose(-2, -1)
-    return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(a.dtype)
+    return argmax_rows(a @ b.transpose(-2, -1), a.dtype)
 
 
 def grid_coords(grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
@@ -217,7 +221,7 @@ def score_term(x: AttentionInputs, term: str, temperature: float, sigma: float |
     if kernel is not None:
         scores = scores.masked_fill(~neighbourhood_mask(x.grid, kernel, a.device), float("-inf"))
         if temperature == 0:  # the hard max inside the neighbourhood
-            return F.one_hot(scores.argmax(-1), scores.shape[-1]).to(a.dtype)
+            return argmax_rows(scores, a.dtype)
     return scores.softmax(-1).to(a.dtype)
 
 
