@@ -36,8 +36,6 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-co
             "numpy", "opencv-python-headless", "sclip_lab")
 # The parts of a resolved config that determine a run's numbers (top-level knobs such as
 # n or window reach them by interpolation); speed, paths and logging are left out.
-# The summary fields of the attention knobs, from the variants' declarations.
-KNOB_FIELDS = summary_fields(list(ATTENTIONS.values()))
 # Dataset keys added after the first records: absent from their keys while at these values.
 VOCABULARY_DEFAULTS = {"synonyms": True, "background_word": None}
 RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
@@ -58,11 +56,17 @@ def result_key(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def knob_field_names() -> tuple[str, ...]:
+    """The summary fields of the attention knobs: every registered variant's declared knobs
+    (read at call time, so a variant registered later has its fields), then the block's."""
+    return summary_fields(list(ATTENTIONS.values()))
+
+
 def knob_fields(section: Mapping[str, Any]) -> dict[str, Any]:
-    """Every declared knob's field (``KNOB_FIELDS``): the variant's own as configured
+    """Every declared knob's field (``knob_field_names``): the variant's own as configured
     (null = its default; lists as ``qq+kk``), others None, block knobs resolved."""
     variant = ATTENTIONS.get(section["name"])
-    out = dict.fromkeys(summary_fields(list(ATTENTIONS.values())))  # incl. later registrations
+    out = dict.fromkeys(knob_field_names())
     if variant is None:
         return out
     for knob in variant.knobs:

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf, open_dict
 
 from sclip_lab.config import CONF_DIR, paper_short_side, variant_overrides
 from sclip_lab.errors import ConfigError, message_of
-from sclip_lab.records import KNOB_FIELDS, summary_of
+from sclip_lab.records import knob_field_names, summary_of
 from sclip_lab.tables.paper import (
     ABLATION_DATASETS,
     TABLE1,
@@ -44,10 +44,14 @@ log = logging.getLogger(__name__)
 TABLE_NUMBERS = (1, 2, 3, 4)
 MISSING = "–"  # an empty cell
 AVG = "avg"  # Table 1's "Avg." column
-# The summary fields that tell variants apart (every declared knob's, from the registry);
-# ``trial`` is averaged, not matched.
-MATCH_FIELDS = tuple(dict.fromkeys(("attention", "projection", "n", "combine", *KNOB_FIELDS,
-                                    "postprocess", "protocol")))
+
+
+def match_fields() -> tuple[str, ...]:
+    """The summary fields that tell variants apart (every declared knob's, from the
+    registry); ``trial`` is averaged, not matched."""
+    return tuple(dict.fromkeys(("attention", "projection", "n", "combine",
+                                *knob_field_names(), "postprocess", "protocol")))
+
 
 TABLE1_COLUMNS = dict(zip(TABLE1_DATASETS, ("VOC21", "Context60", "Object", "VOC20",
                                                   "City.", "Ctx59", "ADE20k", "Stuff.")))
@@ -246,9 +250,9 @@ def mode_rows() -> tuple[Row, ...]:
 
 def match_of(config: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     """``(match fields, trials)`` of a resolved run config: its summary row's
-    ``MATCH_FIELDS`` that are set, and whether it is a random-projection trial."""
+    ``match_fields()`` that are set, and whether it is a random-projection trial."""
     summary = summary_of(config, {})
-    match = {k: summary[k] for k in MATCH_FIELDS if summary[k] is not None}
+    match = {k: summary[k] for k in match_fields() if summary[k] is not None}
     projection = config.get("projection")
     if projection and not (config["attention"].get("combine") or projection.get("combine")):
         # combine: null is the projection set's own; a one-map set (identity, q, k,
