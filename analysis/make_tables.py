@@ -13,10 +13,13 @@ fields match the row exactly (attention, projection, post-processing, preprocess
 path and ``sweep.table`` do not matter, so hand-made runs count too. Re-runs: the newest
 record wins; random-projection trials (Table 2) are averaged (mean ± sample std).
 
-Per table N the output directory receives ``tableN.csv`` (two decimals), ``tableN.tex``
-(pandas ``Styler.to_latex``, booktabs, one decimal, best of ours per column in bold) and
-``tableN.png`` / ``tableN.pdf`` (ours vs paper per dataset). Each cell has three columns:
-ours, the paper's value and Δ = ours − paper. Missing cells are "–" and logged, never fatal.
+Per table N the output directory receives ``tableN.csv`` (numeric: per dataset
+``<dataset>_mean``, ``_std``, ``_k``, ``_partial``, ``_paper``, ``_delta``; empty where
+missing; see ``sclip_lab.tables.render``), ``tableN.tex`` (pandas ``Styler.to_latex``,
+booktabs, one decimal, the best reproduced value per column in bold) and ``tableN.png`` /
+``tableN.pdf`` (reproduced vs paper per dataset, shared x-range). "reproduced" is this
+lab's records, Δ = reproduced − paper. Missing cells are "–" ("n/a" in the figures) and
+logged, never fatal; cells from partial splits (``limit=``) are marked † (hatched).
 The rows come from ``conf/sweep/tableN.yaml`` (``rows:``) and, for Table 4, the
 preprocessing modes; the work is done by ``sclip_lab.tables``.
 """
@@ -40,7 +43,7 @@ from sclip_lab.tables import (
     PRESETS,
     TABLE_NUMBERS,
     build_table,
-    console_frame,
+    console_text,
     load_local_records,
     load_wandb_records,
     named_tables,
@@ -117,7 +120,7 @@ def build_tables(args: argparse.Namespace) -> int:
         table = build_table(number, records, vit=vit, preset=args.preset)
         paths = write_table(table, args.out)
         print(f"\n{table.spec.heading}  [{model or 'no records'}]")
-        print(console_frame(table).to_string())
+        print(console_text(table))
         print("-> " + ", ".join(str(p) for p in paths))
     return 0
 

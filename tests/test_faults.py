@@ -172,6 +172,7 @@ CASES = [
     # learn
     ("learn-steps-type", "learn", ["steps=abc"], 2, "projection.steps=abc"),
     ("learn-cache-under-file", "learn", ["cache_dir={file}/c"], 2, "lies under the file"),
+    ("learn-no-train-split", "learn", [], 2, "prepare voc21 data_root={root}/good train=true"),
     # prepare, make_tables, sync (argparse entry points)
     ("prepare-unknown", "prepare", ["nope"], 2, "unknown benchmark 'nope'"),
     ("prepare-option", "prepare", ["voc21", "colour=red"], 2, "unknown option colour="),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -200,6 +201,14 @@ def test_download_errors_are_clear(server, tmp_path):
     with pytest.raises(DataError, match="interrupted 2 times .*run the same command again"):
         prepare.download(server.url + "/w", tmp_path / "w", retries=1)
     assert (tmp_path / "w.part").stat().st_size > 0, "kept for the next run"
+
+
+def test_download_without_name_resolution_fails_at_once(tmp_path):
+    # .invalid never resolves (RFC 6761): retrying cannot help, so there is no backoff
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="cannot reach .*pass from=<its folder>"):
+        prepare.download("http://archives.invalid/x.tar", tmp_path / "x.tar", backoff=30.0)
+    assert time.perf_counter() - t0 < 20
 
 
 # --- converters ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def test_run_writes_record_and_offline_wandb_and_is_deterministic(tiny, tmp_path
     write_benchmark(root, "voc21", num_images=3, size=(120, 160))
     out1, out2 = tmp_path / "r1", tmp_path / "r2"
     args = [*tiny, f"data_root={root}", "limit=2", "attention=csa", "projection=random", "n=16"]
-    p1 = cli("run", *args, f"hydra.run.dir={out1}", "save_overlays=1")
+    p1 = cli("run", *args, f"hydra.run.dir={out1}", "save_overlays=1",
+             "logger.num_overlays=1")
     assert p1.returncode == 0, p1.stderr[-3000:]
     assert "mIoU" in p1.stdout
     rec = record_of(out1)
@@ -45,10 +47,19 @@ def test_run_writes_record_and_offline_wandb_and_is_deterministic(tiny, tmp_path
     assert list(table.columns) == ["class", "iou", "queries"]
     assert list(table["class"]) == list(rec["per_class_iou"])
     assert "per-class IoU" in p1.stderr + p1.stdout
+    # the start banner names the variant fully and the weights by their digest; open_clip's
+    # root-logger chatter (wrongly saying "initialized randomly") is gone
+    log = p1.stderr + p1.stdout
+    assert "variant     csa random n=16" in log and "[csa random n=16]" in log
+    digest = hashlib.sha256(Path(tiny[2].split("=", 1)[1]).read_bytes()).hexdigest()
+    assert f"(sha256 {digest[:12]})" in log and rec["model"]["weights_sha256"] == digest
+    assert "[root]" not in log and "initialized randomly" not in log
+    assert f"python -m sclip_lab.sync {out1}" in log  # how to upload the offline run
     assert rec["versions"]["torch"] and "git_commit" in rec
     assert {"setup_s", "eval_s"} <= set(rec["timings"])
     assert list((out1 / "wandb").glob("offline-run-*")), "an offline W&B run is written"
     assert len(list(out1.glob("overlay_000_*.png"))) == 1
+    assert list(out1.glob("wandb/offline-run-*/files/media/images/predictions/000_*.png"))
     p2 = cli("run", *args, f"hydra.run.dir={out2}", "logger=none")
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert record_of(out2)["metrics"] == rec["metrics"]

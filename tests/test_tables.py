@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+import pandas as pd
 import pytest
 
 import sclip_lab.tables as tables
@@ -107,27 +109,40 @@ def summaries(root: Path) -> list[dict]:
 
 
 TABLE2_CSV = """\
-Mode,VOC21 ours,VOC21 paper,VOC21 Δ,Context59 ours,Context59 paper,Context59 Δ,\
-COCO-Stuff ours,COCO-Stuff paper,COCO-Stuff Δ
-Identity projection,57.40,57.50,-0.10,–,33.00,–,–,21.50,–
-W_q projection,–,58.20,–,–,33.50,–,–,21.70,–
-W_k projection,–,58.40,–,–,33.10,–,–,21.80,–
-Learned projection,–,60.40,–,–,34.70,–,–,22.60,–
-Random n=1,57.00 (1),57.10,-0.10,–,32.40,–,–,20.60,–
-Random n=4,58.20 ± 0.20 (3),58.00,+0.20,–,32.70,–,–,20.90,–
-Random n=16,–,58.10,–,–,32.70,–,–,21.20,–
-Default (qk),59.63,59.10,+0.53,34.46,34.20,+0.26,22.77,22.40,+0.37
+Mode,voc21_mean,voc21_std,voc21_k,voc21_partial,voc21_paper,voc21_delta,context59_mean,\
+context59_std,context59_k,context59_partial,context59_paper,context59_delta,coco_stuff_mean,\
+coco_stuff_std,coco_stuff_k,coco_stuff_partial,coco_stuff_paper,coco_stuff_delta
+Identity projection,57.4,,1,False,57.5,-0.1,,,0,False,33.0,,,,0,False,21.5,
+W_q projection,,,0,False,58.2,,,,0,False,33.5,,,,0,False,21.7,
+W_k projection,,,0,False,58.4,,,,0,False,33.1,,,,0,False,21.8,
+Learned projection,,,0,False,60.4,,,,0,False,34.7,,,,0,False,22.6,
+Random n=1,57.0,,1,False,57.1,-0.1,,,0,False,32.4,,,,0,False,20.6,
+Random n=4,58.2,0.2,3,False,58.0,0.2,,,0,False,32.7,,,,0,False,20.9,
+Random n=16,,,0,False,58.1,,,,0,False,32.7,,,,0,False,21.2,
+Default (qk),59.63,,1,False,59.1,0.53,34.46,,1,False,34.2,0.26,22.77,,1,False,22.4,0.37
 """
 
 TABLE4_CSV = """\
-Mode,Img size,Window,Stride,FLOPs,FLOPs (paper),VOC21 ours,VOC21 paper,VOC21 Δ,\
-Context59 ours,Context59 paper,Context59 Δ,COCO-Stuff ours,COCO-Stuff paper,COCO-Stuff Δ
-#1,224,224,112,1.0×,1×,56.60,56.50,+0.10,–,32.00,–,–,20.50,–
-#2,336,224,112,3.0×,~4×,59.63,59.10,+0.53,34.46,34.20,+0.26,–,22.40,–
-#3,336,336,112,2.4×,~3×,–,58.60,–,–,34.10,–,–,21.90,–
-#4,448,224,112,7.5×,~9×,60.50,60.40,+0.10,–,35.30,–,22.77,23.40,-0.63
-#5,448,448,224,4.5×,~4×,–,58.90,–,–,34.30,–,–,22.10,–
+Mode,short_side,window,stride,flops,flops_paper,voc21_mean,voc21_std,voc21_k,voc21_partial,\
+voc21_paper,voc21_delta,context59_mean,context59_std,context59_k,context59_partial,\
+context59_paper,context59_delta,coco_stuff_mean,coco_stuff_std,coco_stuff_k,\
+coco_stuff_partial,coco_stuff_paper,coco_stuff_delta
+#1,224,224,112,1.0,1.0,56.6,,1,False,56.5,0.1,,,0,False,32.0,,,,0,False,20.5,
+#2,336,224,112,3.0,4.0,59.63,,1,False,59.1,0.53,34.46,,1,False,34.2,0.26,,,0,False,22.4,
+#3,336,336,112,2.3568,3.0,,,0,False,58.6,,,,0,False,34.1,,,,0,False,21.9,
+#4,448,224,112,7.5,9.0,60.5,,1,False,60.4,0.1,,,0,False,35.3,,22.77,,1,False,23.4,-0.63
+#5,448,448,224,4.4672,4.0,,,0,False,58.9,,,,0,False,34.3,,,,0,False,22.1,
 """
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A table's CSV as a user loads it."""
+    return pd.read_csv(path, index_col=0)
+
+
+def exact(value):
+    """A value written to the CSV, as read back (pandas 2's parser may be 1 ulp off)."""
+    return pytest.approx(value, rel=0.0, abs=1e-9)
 
 
 def test_table2_csv_exact(built):
@@ -141,40 +156,52 @@ def test_table4_csv_exact_with_counted_flops(built):
 
 
 def test_table3_rows_match_their_knobs(built):
-    lines = (built / "table3.csv").read_text(encoding="utf-8").splitlines()
-    rows = {line.split(",")[0]: line.split(",")[1:] for line in lines[1:]}
-    assert rows["Sharpening τ=8 (CLIP default)"][:3] == ["18.50", "18.80", "-0.30"]
-    assert rows["Sharpening τ=0 (hard max)"][0] == "14.00"
-    assert rows["Sharpening τ=0.5"][0] == "–"
-    assert rows["Local window=3"][:3] == ["43.00", "42.90", "+0.10"]
-    assert rows["Early layer #3"][3:6] == ["26.00", "26.40", "-0.40"]
-    assert rows["SCLIP (ours)"][0] == "59.63"
+    frame = read_csv(built / "table3.csv")
+    voc = ["voc21_mean", "voc21_paper", "voc21_delta"]
+    assert list(frame.loc["Sharpening τ=8 (CLIP default)", voc]) == exact([18.5, 18.8, -0.3])
+    assert frame.loc["Sharpening τ=0 (hard max)", "voc21_mean"] == exact(14.0)
+    assert np.isnan(frame.loc["Sharpening τ=0.5", "voc21_mean"])
+    assert list(frame.loc["Local window=3", voc]) == exact([43.0, 42.9, 0.1])
+    assert list(frame.loc["Early layer #3", ["context59_mean", "context59_paper",
+                                             "context59_delta"]]) == exact([26.0, 26.4, -0.4])
+    # The paper's "SCLIP (ours)" is the method SCLIP: "ours" never names a row here.
+    assert frame.loc["SCLIP", "voc21_mean"] == exact(59.63)
+    assert not any("ours" in label for label in frame.index)
 
 
 def test_table1_rows_and_average(tmp_path):
     rec = Records(tmp_path)
     values = dict(zip(mt.TABLE1_COLUMNS, [59.63, 31.74, 33.52, 81.54, 32.34, 34.46, 16.45,
                                           22.77], strict=True))
-    for dataset, value in values.items():
-        rec.add(dataset, value)
+    for dataset, value in values.items():  # Cityscapes from part of its split
+        rec.add(dataset, value, limit=2 if dataset == "cityscapes" else None)
     rec.add("voc21", 19.0, **VANILLA)
     table = mt.build_table(1, summaries(tmp_path))
     frame = mt.csv_frame(table)
-    assert frame.loc["SCLIP", "Avg. ours"] == "39.06"  # the README's code average
-    assert frame.loc["SCLIP", "Avg. paper"] == "38.20"
-    assert frame.loc["SCLIP", "Avg. Δ"] == "+0.86"
-    assert frame.loc["CLIP", "VOC21 ours"] == "19.00"
-    assert frame.loc["CLIP", "Avg. ours"] == "–"  # one benchmark is not an average
+    sclip = frame.loc["SCLIP"]
+    assert sclip["avg_mean"] == pytest.approx(39.05625, abs=1e-4)  # the README's 39.06
+    assert sclip["avg_paper"] == 38.2
+    assert sclip["avg_delta"] == pytest.approx(0.85625, abs=1e-4)
+    assert sclip["avg_k"] == 1 and sclip["avg_partial"]  # partial: one benchmark is
+    assert sclip["cityscapes_partial"] and not sclip["voc21_partial"]
+    assert frame.loc["CLIP", "voc21_mean"] == 19.0
+    assert np.isnan(frame.loc["CLIP", "avg_mean"])  # one benchmark is not an average
+    assert frame.loc["CLIP", "avg_k"] == 0 and not frame.loc["CLIP", "avg_partial"]
     assert list(frame.index) == ["CLIP", "MaskCLIP", "SCLIP", "CLIP*", "MaskCLIP*", "SCLIP*"]
+    assert frame.index.name == "Method"
 
 
 def test_latex_has_booktabs_and_bold_best(built):
     tex = (built / "table2.tex").read_text(encoding="utf-8")
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{3}{c}{VOC21}"):
         assert rule in tex
-    assert r"\textbf{59.6} & 59.1 & +0.5" in tex  # best of ours, one decimal
+    assert r"\textbf{59.6} & 59.1 & +0.5" in tex  # best reproduced value, one decimal
     assert r"58.2 $\pm$ 0.2 (3)" in tex
     assert r"\textbf{57.4}" not in tex and r"\textbf{59.1}" not in tex  # paper never bold
+    # The sources are "reproduced" and "paper"; "ours" is the paper's word for its method.
+    assert "Mode & reproduced & paper & $\\Delta$ & reproduced & paper & $\\Delta$" in tex
+    assert "ours" not in tex and r"\dagger" not in tex  # no partial cell here
+    assert "ours" not in (built / "table3.tex").read_text(encoding="utf-8")
     tex1 = (built / "table1.tex").read_text(encoding="utf-8")
     assert r"mIoU (\%)" in tex1 and r"\textbf{60.0}" in tex1  # SCLIP* is VOC21's best
     # LaTeX numbers the caption itself: it must not start with "Table 1:" again
@@ -190,6 +217,83 @@ def test_figures_written(built):
         assert pdf.read_bytes()[:5] == b"%PDF-"
 
 
+def test_csv_reads_back_as_numbers(built):
+    frame = read_csv(built / "table2.csv")
+    assert frame.index.name == "Mode"
+    assert list(frame.columns) == [f"{d}_{stat}" for d in ("voc21", "context59", "coco_stuff")
+                                   for stat in mt.CSV_STATS]
+    for column, dtype in frame.dtypes.items():
+        want = {"k": "int64", "partial": "bool"}.get(column.rsplit("_", 1)[1], "float64")
+        assert dtype == want, column
+    random4, w_q = frame.loc["Random n=4"], frame.loc["W_q projection"]
+    assert [random4["voc21_mean"], random4["voc21_std"]] == exact([58.2, 0.2])
+    assert random4["voc21_k"] == 3
+    assert np.isnan(frame.loc["Random n=1", "voc21_std"])  # one trial has no spread
+    assert w_q[["voc21_mean", "voc21_std", "voc21_delta"]].isna().all()  # missing: empty
+    assert w_q["voc21_k"] == 0 and w_q["voc21_paper"] == exact(58.2)
+    assert not frame.filter(like="_partial").to_numpy().any()
+    table4 = read_csv(built / "table4.csv")
+    assert list(table4.columns[:5]) == ["short_side", "window", "stride", "flops",
+                                        "flops_paper"]
+    assert (table4.dtypes.iloc[:3] == "int64").all() and table4.dtypes["flops"] == "float64"
+    assert list(table4["flops_paper"]) == exact([1.0, 4.0, 3.0, 9.0, 4.0])  # "~4×" is 4
+
+
+def _partial_table(root: Path):
+    """Table 2 with a partial plain cell (Context59) and partial random trials (COCO-Stuff)."""
+    rec = Records(root)
+    rec.add("voc21", 59.6)
+    rec.add("context59", 30.0, limit=8)
+    for trial, value in enumerate([20.0, 21.0, 22.5]):
+        rec.add("coco_stuff", value, projection="random", n=4, trial=trial, combine="mean",
+                limit=8)
+    return mt.build_table(2, summaries(root))
+
+
+def test_partial_cells_are_marked_in_every_rendering(tmp_path):
+    table = _partial_table(tmp_path / "records")
+    out = tmp_path / "out"
+    out.mkdir()
+    mt.write_table(table, out)
+    frame = read_csv(out / "table2.csv")
+    partial = frame.filter(like="_partial")
+    assert partial.dtypes.eq("bool").all()
+    assert sorted(partial.stack()[lambda flags: flags].index) == [
+        ("Default (qk)", "context59_partial"), ("Random n=4", "coco_stuff_partial")]
+    random4 = frame.loc["Random n=4"]
+    assert random4["coco_stuff_mean"] == exact(21.1667)  # four decimals
+    assert random4["coco_stuff_std"] == exact(1.2583)
+    assert random4["coco_stuff_k"] == 3
+    note = "partial split (limit=8): not the whole benchmark"
+    tex = (out / "table2.tex").read_text(encoding="utf-8")
+    assert r"\textbf{59.6} & 59.1 & +0.5 & \textbf{30.0$^\dagger$} & 34.2 & $-$4.2" in tex
+    assert r"\textbf{21.2 $\pm$ 1.3 (3)$^\dagger$} & 20.9 & +0.3" in tex
+    assert f"$\\Delta$ = reproduced $-$ paper. $^\\dagger$ {note}.}}" in tex
+    text = mt.console_text(table)
+    assert "30.00† (-4.20)" in text and "21.17 ± 1.26 (3)† (+0.27)" in text
+    assert text.splitlines()[-1] == f"† {note}"
+    assert mt.notes(mt.build_table(2, [])) == []  # no partial cell, no note
+
+
+def test_figure_marks_missing_and_partial_cells_on_a_shared_x_range(tmp_path):
+    table = _partial_table(tmp_path)
+    fig = mt.figure_of(table)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["VOC21", "Context59", "COCO-Stuff"]
+    for ax, name in zip(panels, table.spec.columns, strict=True):
+        ours, paper = table.ours[name], table.paper[name]
+        # A bar per value (none of zero length for a missing one), "n/a" per missing value.
+        assert len(ax.patches) == ours.notna().sum() + paper.notna().sum()
+        assert [t.get_text() for t in ax.texts] == ["n/a"] * int(ours.isna().sum())
+        hatched = [p for p in ax.patches if p.get_hatch()]
+        assert len(hatched) == table.partial[name].sum()
+        assert sorted(p.get_width() for p in hatched) == sorted(ours[table.partial[name]])
+    assert len({ax.get_xlim() for ax in panels}) == 1  # one x-range for every panel
+    assert panels[0].get_xlim()[1] >= np.nanmax(table.paper.to_numpy())
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["reproduced", "paper", "partial split (limit=8)", "n/a: no value"]
+
+
 def test_empty_root_warns_and_writes_paper_only_tables(tmp_path, caplog, capsys):
     root, out = tmp_path / "multirun", tmp_path / "tables"
     root.mkdir()
@@ -198,7 +302,7 @@ def test_empty_root_warns_and_writes_paper_only_tables(tmp_path, caplog, capsys)
     assert "no finished result records" in caplog.text
     assert "24 of 24 cells have no record" in caplog.text
     lines = (out / "table2.csv").read_text(encoding="utf-8").splitlines()
-    assert lines[1] == "Identity projection,–,57.50,–,–,33.00,–,–,21.50,–"
+    assert lines[1] == "Identity projection,,,0,False,57.5,,,,0,False,33.0,,,,0,False,21.5,"
     assert (out / "table4.png").exists() and (out / "table4.tex").exists()
     assert "Table 2" in capsys.readouterr().out
 
@@ -232,7 +336,7 @@ def test_random_trials_mean_std_and_rerun_of_one_trial(tmp_path, caplog):
     assert table.ours.loc["random_16", "voc21"] == pytest.approx(58.2)
     assert table.std.loc["random_16", "voc21"] == pytest.approx(0.5701, abs=1e-4)
     assert "fewer than" not in caplog.text
-    assert sorted(table.observations.query("source == 'ours'")["mIoU"]) == [
+    assert sorted(table.observations.query("source == 'reproduced'")["mIoU"]) == [
         57.5, 58.0, 58.0, 58.5, 59.0]
 
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
+from sclip_lab.attention import ATTENTIONS, DEFAULT_PROJECTION
 from sclip_lab.errors import ConfigError
-from sclip_lab.knobs import BLOCK_KNOBS
+from sclip_lab.knobs import BLOCK_KNOBS, record_value
 
 log = logging.getLogger("sclip_lab")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 PAPER_SHORT_SIDE = {"cityscapes": 560}
+# The paper knobs run.yaml offers at the top level; the groups read them by interpolation.
+TOP_KNOBS = ("n", "trial", "temperature", "kernel", "window", "layer", "sigma")
 
 
 def paper_short_side(dataset: str) -> int:
@@ -46,6 +50,61 @@ def window_of(window: int | None, name: str, whole_image: Sequence[str] | None) 
     return None if name in (whole_image or ()) else window
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(record_value(list(value) if isinstance(value, Sequence)
+                            and not isinstance(value, str) else value))
+
+
+def _differs(value: Any, default: Any) -> bool:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return not isinstance(default, Sequence) or list(value) != list(default)
+    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
+        return float(value) != float(default)
+    return value != default
+
+
+def variant_label(config: Mapping[str, Any]) -> str:
+    """A variant named fully by what sets it apart: the attention, then its projection,
+    knobs that differ from their defaults, post-processing and a non-default protocol —
+    ``csa random n=16``, ``local kernel=5``, ``naclip pamr protocol=naclip``."""
+    att = dict(config["attention"])
+    parts = [str(att["name"])]
+    variant = ATTENTIONS.get(att["name"])
+    if variant is not None:
+        proj = config.get("projection")
+        if variant.projection and proj and proj.get("name") != DEFAULT_PROJECTION:
+            parts.append(str(proj["name"]))
+            if proj["name"] == "random":
+                parts.append(f"n={proj.get('n')}")
+                parts += [f"trial={proj['trial']}"] if proj.get("trial") else []
+        for knob in variant.knobs:
+            keys = [k for k in (knob.name, *knob.aliases) if att.get(k) is not None]
+            if keys and _differs(att[keys[0]], knob.default):
+                parts.append(f"{knob.name}={_text(att[keys[0]])}")
+        block = variant.block_defaults()
+        parts += [f"{k.name}={_text(att[k.name])}" for k in BLOCK_KNOBS
+                  if att.get(k.name) is not None and _differs(att[k.name], block[k.name])]
+    post = (config.get("postprocess") or {}).get("name", "none")
+    parts += [post] if post != "none" else []
+    protocol = (config.get("protocol") or {}).get("name", "sclip")
+    parts += [f"protocol={protocol}"] if protocol != "sclip" else []
+    return " ".join(parts)
+
+
+def label_dir(label: str) -> str:
+    """A folder name for a variant label: ``csa random n=16`` -> ``csa-random-n=16``."""
+    return re.sub(r"[^A-Za-z0-9.=+]+", "-", label).strip("-") or "default"
+
+
+def _variant_dir(*, _root_: DictConfig) -> str:
+    """``${variant_dir:}``: the composed config's variant as a folder name."""
+    sections = {k: OmegaConf.to_container(_root_[k], resolve=True) if _root_.get(k) else None
+                for k in ("attention", "projection", "postprocess", "protocol")}
+    return label_dir(variant_label(sections))
+
+
 def register_attention_schema() -> None:
     """``attention/base_attention``: the block knobs every attention file extends
     (``defaults: [base_attention, _self_]``); null = the variant's own block."""
@@ -61,8 +120,45 @@ def register_resolvers() -> None:
     for name, fn in (("by_dataset", by_dataset), ("window_of", window_of)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("variant_dir"):
+        OmegaConf.register_new_resolver("variant_dir", _variant_dir)
     if not OmegaConf.has_resolver("local_kernel"):  # cached: the warning shows once
         OmegaConf.register_new_resolver("local_kernel", local_kernel, use_cache=True)
+
+
+def _reads(node: Any, ref: str) -> bool:
+    if isinstance(node, Mapping):
+        return any(_reads(v, ref) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_reads(v, ref) for v in node)
+    return isinstance(node, str) and ref in node
+
+
+def readers_of(key: str) -> list[str]:
+    """The group options whose files read the top-level ``key`` (``projection=random``)."""
+    ref = f"${{{key}}}"
+    return sorted(f"{path.parent.name}={path.stem}" for group in ("attention", "projection",
+                                                                   "postprocess")
+                  for path in (CONF_DIR / group).glob("*.yaml") if ref in path.read_text())
+
+
+def unused_knobs(configs: Sequence[Any], overrides: Sequence[str]) -> list[str]:
+    """One warning per top-level knob given in ``overrides`` (``n=16``) that none of the
+    composed ``configs`` reads: e.g. ``n`` without ``projection=random``."""
+    out = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or "." in key or key not in TOP_KNOBS:
+            continue
+        ref = f"${{{key}}}"
+        if any(_reads({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+                       if k not in TOP_KNOBS and k != "hydra"}, ref) for cfg in configs):
+            continue
+        readers = readers_of(key)
+        verb = "reads" if len(readers) == 1 else "read"
+        out.append(f"{override} has no effect here (attention={configs[0].attention.name}): "
+                   f"only {', '.join(readers) or 'no option'} {verb} {key}")
+    return out
 
 
 def variant_overrides(entry: str) -> list[str]:

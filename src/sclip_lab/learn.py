@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from sclip_lab.cli import hydra_entry
 from sclip_lab.errors import check_writable_dir
 from sclip_lab.files import write_json_atomic
-from sclip_lab.learned import train
+from sclip_lab.learned import train, training_images
 from sclip_lab.tracking import Tracker
 
 log = logging.getLogger("sclip_lab")
@@ -28,12 +28,13 @@ log = logging.getLogger("sclip_lab")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     check_writable_dir(Path(cfg.cache_dir) / "learned", "cache_dir")
+    dataset = training_images(cfg)  # every check before W&B and the model start
     tracker = Tracker(OmegaConf.to_container(cfg.logger, resolve=True), run_dir)
     ok = False
     try:
         tracker.start(OmegaConf.to_container(cfg, resolve=True), name=cfg.name,
                       tags=["learn", cfg.dataset.name])
-        path = train(cfg, tracker)
+        path = train(cfg, tracker, dataset)
         payload = torch.load(path, weights_only=False)
         torch.save(payload, run_dir / "projection.pt")
         write_json_atomic(run_dir / "learn.json", {

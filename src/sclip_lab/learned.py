@@ -153,17 +153,37 @@ def fit_projection(encoder: DenseEncoder, windows: WindowSet, queries: Tensor,
     return weight.detach(), bias.detach(), losses
 
 
-def train(cfg: DictConfig, tracker: Tracker | None = None) -> Path:
-    """Train the projection for ``cfg`` and save it at ``artefact_path(cfg)``."""
+def training_images(cfg: DictConfig):
+    """The first ``projection.images`` training images, after checking every setting of
+    the training (before any model is built).
+
+    Raises:
+        DataError: the training split is not on disk (with the prepare command, train=true).
+    """
     p = cfg.projection
-    steps = integer(p.steps, "projection.steps", 1)
-    images = integer(p.images, "projection.images", 1)
-    batch_windows = integer(p.batch_windows, "projection.batch_windows", 1)
+    integer(p.steps, "projection.steps", 1)
+    integer(p.batch_windows, "projection.batch_windows", 1)
     number(p.lr, "projection.lr", above=0)
-    torch.manual_seed(integer(p.seed, "projection.seed"))
-    spec = data.spec_from_config(cfg.dataset)
+    integer(p.seed, "projection.seed")
+    images = integer(p.images, "projection.images", 1)
     section = train_section(OmegaConf.to_container(cfg.dataset, resolve=True))
-    dataset = data.build_dataset(section, data.resolve_data_root(cfg.data_root), images, None)
+    root = data.resolve_data_root(cfg.data_root)
+    try:
+        return data.build_dataset(section, root, images, None)
+    except data.DataError as e:  # the training split is prepared only on request
+        hint = data.prepare_hint(data.spec_from_config(cfg.dataset), root)
+        raise data.DataError(f"training split: {str(e).replace(hint, hint + ' train=true')}"
+                             ) from None
+
+
+def train(cfg: DictConfig, tracker: Tracker | None = None, dataset=None) -> Path:
+    """Train the projection for ``cfg`` on ``dataset`` (default: ``training_images``) and
+    save it at ``artefact_path(cfg)``."""
+    dataset = training_images(cfg) if dataset is None else dataset
+    p = cfg.projection
+    steps, batch_windows = int(p.steps), int(p.batch_windows)
+    torch.manual_seed(int(p.seed))
+    spec = data.spec_from_config(cfg.dataset)
     segmenter, info = build_segmenter(
         model=cfg.model, attention={"name": "csa"}, projection=None, preprocess=cfg.preprocess,
         postprocess=None, classes=list(spec.classes), logit_scale=spec.logit_scale,

@@ -30,7 +30,9 @@ from sclip_lab.attention import (
     merge_heads,
     softmax_attention,
 )
+from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError
+from sclip_lab.files import file_digest
 from sclip_lab.knobs import Variant, call_with
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
     if arch not in open_clip.list_models():
         near = [m for m in open_clip.list_models() if m.lower().startswith(arch[:5].lower())]
         raise ModelError(f"unknown model.arch={arch!r}; open_clip has e.g. {near[:12]}")
+    quiet_open_clip()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     path = Path(os.path.expanduser(pretrained))
@@ -163,7 +166,8 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         _load_state(model, state, path, built)
     model.eval().requires_grad_(False)
     info = {"arch": built, "pretrained": pretrained, "precision": prec, "device": str(dev),
-            "quick_gelu": bool(quick_gelu), "openai_format": bool(openai)}
+            "quick_gelu": bool(quick_gelu), "openai_format": bool(openai),
+            "weights_sha256": file_digest(path) if state is not None else None}
     return model, info
 
 

@@ -28,9 +28,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sclip_lab import data, viz
-from sclip_lab.build import head_from_config, segmenter_from_config, slug, variant_configs
+from sclip_lab.build import (
+    head_from_config,
+    segmenter_from_config,
+    slug,
+    variant_configs,
+)
 from sclip_lab.cli import hydra_entry
-from sclip_lab.errors import UserError, check_writable_dir, integer, message_of
+from sclip_lab.config import unused_knobs, variant_label
+from sclip_lab.console import banner, per_class_table, weights_text
+from sclip_lab.errors import ConfigError, UserError, check_writable_dir, integer, message_of
 from sclip_lab.files import atomic_target
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
@@ -63,11 +70,15 @@ def _as_list(batch: list) -> list:
 
 @dataclass
 class Job:
-    """One variant to evaluate: its composed config, output dir and accumulators."""
+    """One variant to evaluate: its composed config, output dir and accumulators.
+
+    ``entry`` is the ``variants=`` entry that made it ("" for the job's own config),
+    ``label`` its full name for the console (``variant_label``)."""
 
     cfg: DictConfig
     run_dir: Path
-    label: str
+    entry: str
+    label: str = ""
     key: str = ""
     metric: SegmentationMetrics | None = None
     overlays: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
@@ -75,6 +86,9 @@ class Job:
 
 
 # ---------------------------------------------------------------------------- evaluation
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -90,6 +104,12 @@ def preflight(cfg: DictConfig) -> None:
     integer(cfg.logger.get("num_overlays", 0) or 0, "logger.num_overlays", 0)
     if cfg.get("cache_dir"):
         check_writable_dir(cfg.cache_dir, "cache_dir")
+    for key in ("pretrained", "config_file"):  # a file that is not there fails now, not later
+        value = str(cfg.model.get(key) or "")
+        path = Path(value).expanduser()
+        if Path(value).suffix in WEIGHT_SUFFIXES and not path.is_file():
+            raise ConfigError(f"model.{key}={value} does not exist; point it at a file"
+                              + (" or a hub tag such as 'openai'" if key == "pretrained" else ""))
 
 
 def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
@@ -114,10 +134,7 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     for job in jobs:
         job.metric = SegmentationMetrics(spec.num_classes).to(segmenter.device)
     t_setup = time.perf_counter() - t0
-    names = ", ".join(j.label or j.cfg.attention.name for j in jobs)
-    log.info("%s: %d images, %d variant(s) [%s], %s %s (%s) on %s", spec.name, len(dataset),
-             len(jobs), names, info["arch"], info["pretrained"], info["precision"],
-             info["device"])
+    log.info("evaluating\n%s", start_banner(jobs, spec, info, len(dataset), segmenter))
 
     keep = max(int(base.save_overlays), int(base.logger.get("num_overlays", 0) or 0))
     loader = DataLoader(dataset, batch_size=int(base.images_per_batch), collate_fn=_as_list,
@@ -139,6 +156,25 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     return [finish_job(job, spec, info, len(dataset),
                        {"setup_s": t_setup, "eval_s": t_eval, "variants_in_pass": len(jobs),
                         "per_image_s": t_eval / max(len(dataset), 1)}) for job in jobs]
+
+
+def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[str, Any],
+                 num_images: int, segmenter: Segmenter) -> str:
+    """What is about to be evaluated, on a few aligned lines."""
+    base = jobs[0].cfg
+    total = f" (limit={base.limit})" if base.limit is not None else ""
+    prep = base.preprocess
+    window = ("whole image" if prep.window is None
+              else f"{prep.window} windows, stride {prep.stride}")
+    rows = [("model", f"{info['arch']}  weights {weights_text(info)}"),
+            ("device", f"{info['device']}, {info['precision']}"),
+            ("dataset", f"{spec.name}: {num_images} images{total}, {spec.num_classes} classes, "
+                        f"{len(segmenter.queries)} queries"),
+            ("preprocess", f"short side {prep.short_side}, {window}")]
+    rows += [("variant" if len(jobs) == 1 else f"variant {i + 1}", job.label)
+             for i, job in enumerate(jobs)]
+    rows.append(("output", str(jobs[0].run_dir if len(jobs) == 1 else jobs[0].run_dir.parent)))
+    return banner(rows)
 
 
 def worker_errors_unwrapped(loader: DataLoader):
@@ -174,15 +210,6 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
 PER_CLASS_FILE = "per_class_iou.csv"
 
 
-def per_class_table(per_class: Mapping[str, float | None], columns: int = 3) -> str:
-    """mmseg-style console table: ``name  IoU`` cells, ``columns`` per line ("–" = absent
-    from the split)."""
-    cells = [f"{name[:22]:<22} {'–' if v is None else f'{v:6.2f}':>6}"
-             for name, v in per_class.items()]
-    return "\n".join("  " + "   ".join(cells[i:i + columns])
-                     for i in range(0, len(cells), columns))
-
-
 def write_per_class_csv(path: Path, per_class: Mapping[str, float | None],
                         classes: Sequence[str]) -> None:
     """``class,iou,queries`` per class (empty IoU for a class absent from the split)."""
@@ -206,7 +233,7 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     per_class = {name: (None if torch.isnan(v) else round(float(v), 4))
                  for name, v in zip(unique_names(names), scores["per_class_iou"])}
     metrics = {k: float(scores[k]) for k in METRICS}
-    label = job.label or job.cfg.attention.name
+    label = job.label
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
     log.info("%s [%s] per-class IoU (%%):\n%s", spec.name, label, per_class_table(per_class))
@@ -216,13 +243,13 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
-                          job.label, classes=spec.classes)
+                          job.entry, classes=spec.classes)
     # The record first: nothing that happens to the logging afterwards can lose it.
     path = write_record(job.run_dir, record)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
     tracker = Tracker(config["logger"], job.run_dir)
     sweep = config.get("sweep") or {}
-    tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.label) if job.label else ''}",
+    tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.entry) if job.entry else ''}",
                   group=sweep.get("group"),
                   tags=[t for t in (spec.name, job.cfg.attention.name, sweep.get("table"))
                         if t])
@@ -238,13 +265,13 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     jobs = []
     done = finished_records(cfg.get("resume_root"))
     for label, vcfg in variant_configs(cfg, compose=compose):
-        job = Job(vcfg, run_dir / slug(label) if label else run_dir, label)
+        job = Job(vcfg, run_dir / slug(label) if label else run_dir, label,
+                  variant_label(OmegaConf.to_container(vcfg, resolve=True)))
         precision = resolve_precision(vcfg.precision, resolve_device(vcfg.device))
         job.key = result_key({**OmegaConf.to_container(vcfg, resolve=True),
                               "precision": precision})
         if job.key in done:
-            log.info("skip [%s]: finished record %s", label or vcfg.attention.name,
-                     done[job.key])
+            log.info("skip [%s]: finished record %s", job.label, done[job.key])
             continue
         jobs.append(job)
     return jobs
@@ -254,6 +281,8 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     jobs = plan_jobs(cfg, run_dir)
+    for warning in unused_knobs([job.cfg for job in jobs], HydraConfig.get().overrides.task):
+        log.warning(warning)
     if not jobs:
         clear_failed(run_dir)
         print(f"nothing to do: every variant has a finished record under {cfg.resume_root}")

@@ -120,7 +120,11 @@ class Tracker:
                            "later with python -m sclip_lab.sync)")
                 mode = "offline"
                 self.run = wandb.init(mode=mode, settings=wandb.Settings(**settings), **kwargs)
-            log.info("W&B run %s (%s)", self.run.id, mode)
+            if mode == "offline":
+                log.info("W&B run %s offline under %s (upload later: python -m sclip_lab.sync "
+                         "%s)", self.run.id, self.run_dir / "wandb", self.run_dir)
+            else:
+                log.info("W&B run %s: %s", self.run.id, self.run.url)
         except Exception as e:  # noqa: BLE001 - logging must never cost a result
             self._warn("starting the run", e)
             self.run = None
@@ -139,8 +143,10 @@ class Tracker:
                                 data=[[k, None if v is None else float(v)]
                                       for k, v in per_class.items()])
             payload: dict[str, Any] = {"per_class_iou": table}
-            if overlays:
-                payload["predictions"] = [wandb.Image(img, caption=cap) for cap, img in overlays]
+            # One key per overlay: W&B warns about (and misdraws) a list of differently
+            # sized images, and benchmark images differ in size.
+            for i, (cap, img) in enumerate(overlays):
+                payload[f"predictions/{i:03d}"] = wandb.Image(img, caption=cap)
             self.run.log(payload)
         except Exception as e:  # noqa: BLE001
             self._warn("logging the result", e)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
+import socket
 import time
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -13,16 +13,9 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from sclip_lab.data import DataError
+from sclip_lab.files import file_digest
 
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_digest(path: Path, checksum: tuple[str, str] | None) -> str | None:
@@ -79,6 +72,10 @@ def download(url: str, dest: Path, checksum: tuple[str, str] | None = None, *,
             raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}; check the "
                             "URL or fetch the file by hand and pass from=<its folder>") from None
         except (URLError, OSError, http.client.HTTPException) as e:
+            if isinstance(getattr(e, "reason", None), socket.gaierror):  # no retry helps
+                raise DataError(f"cannot reach {url} ({e.reason.strerror}): no network or "
+                                "DNS here? fetch the file by hand and pass from=<its folder>"
+                                ) from None
             failures += 1
             got = part.stat().st_size if part.is_file() else 0
             if failures > retries:

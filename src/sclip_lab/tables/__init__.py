@@ -1,8 +1,9 @@
 """The paper's Tables 1–4 rebuilt from result records, beside the paper's numbers.
 
 ``layout`` (rows from ``conf/sweep/tableN.yaml`` and ``conf/preprocess/modeK.yaml``,
-columns) → ``collect`` (records → cells) → ``render`` (CSV, console, LaTeX) and ``plot``
-(figures); ``paper`` holds the published values. ``analysis/make_tables.py`` is the CLI.
+columns) → ``collect`` (records → cells) → ``render`` (numeric CSV, console, LaTeX) and
+``plot`` (figures); ``paper`` holds the published values. ``analysis/make_tables.py`` is
+the CLI. Every view sets "reproduced" (this lab's records) beside "paper".
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from sclip_lab.tables.layout import (
     ABLATION_COLUMNS,
     DEFAULT_SHORT_SIDE,
     MISSING,
+    PAPER,
     PAPER_SHORT_SIDE,
+    PARTIAL_MARK,
     PRESETS,
+    REPRODUCED,
     TABLE1_COLUMNS,
     TABLE_NUMBERS,
     Row,
     TableSpec,
+    method_label,
     named_tables,
     preprocess_modes,
     table_id,
@@ -38,22 +43,26 @@ from sclip_lab.tables.layout import (
     table_spec,
     uncovered_variants,
 )
-from sclip_lab.tables.plot import plot_table
+from sclip_lab.tables.plot import figure_of, plot_table
 from sclip_lab.tables.render import (
+    CSV_STATS,
     console_frame,
+    console_text,
     csv_frame,
     display_frame,
     latex_text,
+    notes,
     to_latex,
     write_table,
 )
 
 __all__ = [
-    "ABLATION_COLUMNS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING", "PAPER_SHORT_SIDE",
-    "PRESETS", "TABLE1_COLUMNS", "TABLE_NUMBERS", "Row", "Table", "TableSpec", "build_table",
-    "console_frame", "csv_frame", "display_frame", "field_value", "flops_column",
-    "latex_text", "load_local_records", "load_wandb_records", "matches", "pick_records",
-    "named_tables", "plot_table", "preprocess_modes", "preprocess_of", "select_model",
-    "table_id", "table_ids", "table_spec", "to_latex", "uncovered_variants", "vit_for",
-    "write_table",
+    "ABLATION_COLUMNS", "CSV_STATS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING", "PAPER",
+    "PAPER_SHORT_SIDE", "PARTIAL_MARK", "PRESETS", "REPRODUCED", "TABLE1_COLUMNS",
+    "TABLE_NUMBERS", "Row", "Table", "TableSpec", "build_table", "console_frame",
+    "console_text", "csv_frame", "display_frame", "field_value", "figure_of", "flops_column",
+    "latex_text", "load_local_records", "load_wandb_records", "matches", "method_label",
+    "named_tables", "notes", "pick_records", "plot_table", "preprocess_modes",
+    "preprocess_of", "select_model", "table_id", "table_ids", "table_spec", "to_latex",
+    "uncovered_variants", "vit_for", "write_table",
 ]

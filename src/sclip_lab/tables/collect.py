@@ -2,8 +2,9 @@
 
 A record fills the cell row × dataset when its summary fields match the row exactly and so
 does its preprocessing (``layout``). Re-runs: the newest record wins; a partial evaluation
-(``limit`` set) only fills a cell no full-split record fills; random-projection trials are
-averaged (mean ± sample std over the newest record of each ``trial``).
+(``limit`` set) only fills a cell no full-split record fills, and marks it ``partial``;
+random-projection trials are averaged (mean ± sample std over the newest record of each
+``trial``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from sclip_lab.tables.layout import (
     DEFAULT_SHORT_SIDE,
     DEFAULT_STRIDE,
     MISSING,
+    PAPER,
     PRESETS,
+    REPRODUCED,
     Row,
     TableSpec,
     preprocess_modes,
@@ -214,13 +217,17 @@ class Table:
 
     Attributes:
         spec: the layout.
-        ours: mean mIoU per cell (NaN = missing).
+        ours: the reproduced mIoU per cell, the mean over its records (NaN = missing).
         std: sample std over trials (NaN unless the row has ≥ 2 trials).
-        trials: number of records behind each cell (0 = missing).
+        trials: number of records behind each cell (0 = missing); the average's is the
+            fewest of its benchmarks'.
+        partial: True where a record behind the cell evaluated part of the split (``limit``
+            set); the average's where any of its benchmarks' is.
         paper: the paper's values.
-        observations: long form ``row, dataset, source, mIoU`` (every trial and the paper's
-            value), for the figures.
+        observations: long form ``row, dataset, source, mIoU`` (source ``reproduced``: every
+            trial; ``paper``), for analyses of the trials.
         extra: leading columns (Table 4's preprocessing and FLOPs), indexed like ``ours``.
+        limits: the ``limit`` values of the partial records (for the footnote).
         warnings: what was logged about this table.
     """
 
@@ -228,9 +235,11 @@ class Table:
     ours: pd.DataFrame
     std: pd.DataFrame
     trials: pd.DataFrame
+    partial: pd.DataFrame
     paper: pd.DataFrame
     observations: pd.DataFrame
     extra: pd.DataFrame = field(default_factory=pd.DataFrame)
+    limits: tuple[int, ...] = ()
     warnings: list[str] = field(default_factory=list)
 
 
@@ -272,15 +281,16 @@ def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
     ours = pd.DataFrame(np.nan, index=keys, columns=names)
     std, paper = ours.copy(), ours.copy()
     trials = pd.DataFrame(0, index=keys, columns=names)
-    obs, few, partial = [], [], []
+    partial = pd.DataFrame(False, index=keys, columns=names)
+    obs, few, partials, limits = [], [], [], set()
     missing: dict[str, list[str]] = {}
     for row in spec.rows:
         for name, label in spec.columns.items():
             picked = pick_records(records, row, name, PRESETS[preset])
             values = [float(r["mIoU"]) for r in picked]
             paper.loc[row.key, name] = spec.paper.get(row.key, {}).get(name, np.nan)
-            obs.append((row.label, label, "paper", paper.loc[row.key, name]))
-            obs += [(row.label, label, "ours", v) for v in values]
+            obs.append((row.label, label, PAPER, paper.loc[row.key, name]))
+            obs += [(row.label, label, REPRODUCED, v) for v in values]
             trials.loc[row.key, name] = len(values)
             if not values:
                 missing.setdefault(row.label, []).append(label)
@@ -290,23 +300,28 @@ def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
                 std.loc[row.key, name] = float(np.std(values, ddof=1))
             if row.trials and len(values) < MIN_TRIALS:
                 few.append(f"{row.label} / {label} ({len(values)})")
-            if any(r.get("limit") is not None for r in picked):
-                partial.append(f"{row.label} / {label}")
+            cut = {r["limit"] for r in picked if r.get("limit") is not None}
+            if cut:
+                partial.loc[row.key, name] = True
+                partials.append(f"{row.label} / {label}")
+                limits |= cut
     if spec.paper_avg is not None:
-        # The average needs every benchmark; a partial mean would not compare with the paper.
+        # The average needs every benchmark; a mean of some would not compare with the paper.
         ours[AVG] = ours[names].mean(axis=1).where(ours[names].notna().all(axis=1))
-        std[AVG], trials[AVG] = np.nan, ours[AVG].notna().astype(int)
+        std[AVG], trials[AVG] = np.nan, trials[names].min(axis=1)
+        partial[AVG] = partial[names].any(axis=1) & ours[AVG].notna()
         paper[AVG] = pd.Series(spec.paper_avg)
     observations = pd.DataFrame(obs, columns=["row", "dataset", "source", "mIoU"]).dropna()
-    table = Table(spec, ours, std, trials, paper, observations)
+    table = Table(spec, ours, std, trials, partial, paper, observations,
+                  limits=tuple(sorted(limits)))
     if number == 4:
         table.extra = _table4_extra(spec, vit)
     if missing:
         _warn(table, _missing_message(missing, len(keys), names))
     if few:
         _warn(table, f"fewer than {MIN_TRIALS} random trials: " + "; ".join(few))
-    if partial:
-        _warn(table, "cells from partial evaluations (limit set): " + "; ".join(partial))
+    if partials:
+        _warn(table, "cells from partial evaluations (limit set): " + "; ".join(partials))
     return table
 
 

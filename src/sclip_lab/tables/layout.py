@@ -8,8 +8,10 @@ Tables 1–3: one row per entry of ``rows:`` in ``conf/sweep/tableN.yaml``, in t
 
 ``variant`` is a sweep variant (its ``trial=`` left out: a random row averages the trials),
 ``key`` the paper's row id (``paper``), ``label``/``latex`` the row labels (latex defaults
-to label). Table 4: one row per ``preprocess`` mode its sweep runs, with that mode's short
-side, window and stride (``conf/preprocess/modeK.yaml``) and the run's default method.
+to label). A label the paper marks "(ours)" is shown as the method's name ("SCLIP (ours)"
+→ "SCLIP"): here our numbers are the "reproduced" ones, beside the "paper"'s. Table 4: one
+row per ``preprocess`` mode its sweep runs, with that mode's short side, window and stride
+(``conf/preprocess/modeK.yaml``) and the run's default method.
 
 The summary fields a record must match are not written down here: they are the summary
 row (``records.summary_of``) of the run config composed with the row's overrides, as
@@ -44,6 +46,16 @@ log = logging.getLogger(__name__)
 TABLE_NUMBERS = (1, 2, 3, 4)
 MISSING = "–"  # an empty cell
 AVG = "avg"  # Table 1's "Avg." column
+# The two sources of a value, in every rendering and legend; never "ours", which the paper
+# uses for its own method (a row), not for this reproduction.
+REPRODUCED, PAPER = "reproduced", "paper"
+PARTIAL_MARK = "†"  # a cell with a record of part of the split (``limit`` set)
+_OURS_SUFFIX = " (ours)"
+
+
+def method_label(label: str) -> str:
+    """A row label as shown: the paper's "X (ours)" is the method X."""
+    return label.removesuffix(_OURS_SUFFIX)
 
 
 def match_fields() -> tuple[str, ...]:
@@ -222,8 +234,9 @@ def sweep_rows(number: int | str, base: Sequence[str] = ()) -> tuple[Row, ...]:
     rows = []
     for entry, config in zip(entries, configs):
         match, trials = match_of(config)
-        rows.append(Row(str(entry["key"]), str(entry["label"]),
-                        str(entry.get("latex", entry["label"])), match, trials=trials,
+        label = method_label(str(entry["label"]))
+        rows.append(Row(str(entry["key"]), label,
+                        method_label(str(entry.get("latex", label))), match, trials=trials,
                         variant=str(entry["variant"])))
     for entry in uncovered_variants(number):
         log.warning("conf/sweep/%s.yaml: variant '%s' has no entry in rows: and is not "

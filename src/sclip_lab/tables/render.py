@@ -1,13 +1,34 @@
-"""A built table as text: the CSV and console frames and LaTeX (pandas ``Styler``).
+"""A built table as text: a numeric CSV, and the console and LaTeX (pandas ``Styler``) views.
 
-Each dataset column has three: ours, the paper's value and Δ = ours − paper. Random-trial
-cells read ``mean ± std (k)`` with k the number of trials; missing cells are "–" ("--" in
-LaTeX). CSV has two decimals, LaTeX one, with the best of ours per column in bold.
+Two sources everywhere: "reproduced" (the records of this lab's runs) and "paper"; Δ =
+reproduced − paper. Never "ours": the paper calls its own method that (a row, shown as
+"SCLIP").
+
+CSV (:func:`csv_frame`): numbers only, so ``pd.read_csv(path, index_col=0)`` gives float,
+int and bool columns; a missing value is an empty field (NaN). The index is the row label,
+named as the table's (``Mode``, ``Method``…). Table 4 leads with ``short_side``, ``window``,
+``stride`` (its preprocessing), ``flops`` (counted, relative to mode #1) and
+``flops_paper`` (the paper's rough ratio: "~4×" is 4). Then, per dataset (its config name,
+e.g. ``coco_stuff``; ``avg`` for an "Avg." column), six columns ``<dataset>_<stat>``
+(``CSV_STATS``):
+
+- ``mean``: the reproduced mIoU (%), the mean over the cell's k records;
+- ``std``: their sample std (empty unless k ≥ 2);
+- ``k``: the records averaged (random trials; 1 for other rows; 0 = no record); the
+  average's is the fewest of its benchmarks';
+- ``partial``: True when a record behind the cell evaluated part of the split (``limit=``);
+- ``paper``: the paper's value; ``delta``: mean − paper.
+
+Console and LaTeX keep the paper's layout: random-trial cells read ``mean ± std (k)``,
+missing cells "–" ("--" in LaTeX), a partial cell ends in † and a note (:func:`notes`,
+in the LaTeX caption) gives the limit. LaTeX has one decimal and the best reproduced value
+per column in bold.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +36,17 @@ import numpy as np
 import pandas as pd
 
 from sclip_lab.tables.collect import Table
-from sclip_lab.tables.layout import AVG, MISSING
+from sclip_lab.tables.layout import AVG, MISSING, PAPER, PARTIAL_MARK, REPRODUCED, Row
 from sclip_lab.tables.plot import plot_table
 
-STATS = ("ours", "paper", "Δ")
-STATS_LATEX = {"ours": "ours", "paper": "paper", "Δ": r"$\Delta$"}
+STATS = (REPRODUCED, PAPER, "Δ")
+STATS_LATEX = {REPRODUCED: REPRODUCED, PAPER: PAPER, "Δ": r"$\Delta$"}
+CSV_STATS = ("mean", "std", "k", "partial", "paper", "delta")
+# Table 4's leading columns under CSV names (the config keys of conf/preprocess/modeK.yaml).
+CSV_EXTRA = {"Img size": "short_side", "Window": "window", "Stride": "stride",
+             "FLOPs": "flops", "FLOPs (paper)": "flops_paper"}
+CSV_DECIMALS = 4  # drops float noise (58.199999…) and keeps far more than a metric's precision
+_PRINTED_RATIO = re.compile(r"~?\s*(\d+(?:\.\d+)?)\s*×?")
 
 
 def _column_labels(table: Table) -> dict[str, str]:
@@ -29,16 +56,49 @@ def _column_labels(table: Table) -> dict[str, str]:
     return labels
 
 
-def _ours_text(mean: float, std: float, count: int, trials: bool, decimals: int,
-               latex: bool) -> str:
+# ---------------------------------------------------------------------------------- CSV
+
+
+def _number(value: Any) -> Any:
+    """A number as is, a printed ratio ("~4×", "1×") as its number; other text unchanged."""
+    if isinstance(value, int | float | np.number):
+        return value
+    found = _PRINTED_RATIO.fullmatch(str(value).strip())
+    return float(found.group(1)) if found else value
+
+
+def csv_frame(table: Table) -> pd.DataFrame:
+    """The tidy numeric CSV layout (see the module docstring for the columns)."""
+    keys = [r.key for r in table.spec.rows]
+    columns: dict[str, pd.Series] = {CSV_EXTRA.get(name, name): table.extra[name].map(_number)
+                                     for name in table.extra.columns}
+    for name in _column_labels(table):
+        mean, paper = table.ours[name], table.paper[name]
+        stats = (mean, table.std[name], table.trials[name].astype(int),
+                 table.partial[name].astype(bool), paper, mean - paper)
+        columns |= {f"{name}_{stat}": values for stat, values in zip(CSV_STATS, stats,
+                                                                      strict=True)}
+    frame = pd.DataFrame(columns).reindex(keys).round(CSV_DECIMALS)
+    frame.index = pd.Index([r.label for r in table.spec.rows], name=table.spec.index_name)
+    return frame
+
+
+# ------------------------------------------------------------------ console and LaTeX
+
+
+def _reproduced_text(table: Table, row: Row, name: str, decimals: int, latex: bool) -> str:
+    mean = table.ours.loc[row.key, name]
     if math.isnan(mean):
         return "--" if latex else MISSING
     text = f"{mean:.{decimals}f}"
-    if not trials:
-        return text
-    pm = r" $\pm$ " if latex else " ± "
-    spread = f"{pm}{std:.{decimals}f}" if not math.isnan(std) else ""
-    return f"{text}{spread} ({count})"  # (k) = number of trials averaged
+    if row.trials:
+        std = table.std.loc[row.key, name]
+        pm = r" $\pm$ " if latex else " ± "
+        spread = f"{pm}{std:.{decimals}f}" if not math.isnan(std) else ""
+        text = f"{text}{spread} ({table.trials.loc[row.key, name]})"  # (k): trials averaged
+    if table.partial.loc[row.key, name]:
+        text += latex_text(PARTIAL_MARK) if latex else PARTIAL_MARK
+    return text
 
 
 def _value_text(value: float, decimals: int, latex: bool, signed: bool = False) -> str:
@@ -54,25 +114,24 @@ def _flops_text(value: Any, latex: bool) -> str:
 
 
 def display_frame(table: Table, decimals: int, latex: bool = False) -> pd.DataFrame:
-    """Strings in the paper's layout: columns ``(column label, ours | paper | Δ)``.
+    """Strings in the paper's layout: columns ``(column label, reproduced | paper | Δ)``.
 
-    Random-trial cells read ``mean ± std (k)`` with k the number of trials; missing cells
-    are "–" ("--" in LaTeX). Table 4 leads with its preprocessing and FLOPs columns.
+    Random-trial cells read ``mean ± std (k)`` with k the number of trials, a partial cell
+    ends in †, missing cells are "–" ("--" in LaTeX). Table 4 leads with its preprocessing
+    and FLOPs columns.
     """
     rows = table.spec.rows
     columns: dict[tuple[str, str], list[str]] = {}
     for name, text in table.extra.items():
         columns[("", name)] = [_flops_text(v, latex) if name.startswith("FLOPs") else str(v)
                                for v in text]
+    stat = STATS_LATEX if latex else {s: s for s in STATS}
     for name, label in _column_labels(table).items():
-        stat = STATS_LATEX if latex else {s: s for s in STATS}
-        ours = table.ours[name]
-        delta = ours - table.paper[name]
-        columns[(label, stat["ours"])] = [
-            _ours_text(ours[r.key], table.std.loc[r.key, name], table.trials.loc[r.key, name],
-                       r.trials, decimals, latex) for r in rows]
-        columns[(label, stat["paper"])] = [_value_text(table.paper.loc[r.key, name], decimals,
-                                                       latex) for r in rows]
+        delta = table.ours[name] - table.paper[name]
+        columns[(label, stat[REPRODUCED])] = [_reproduced_text(table, r, name, decimals, latex)
+                                              for r in rows]
+        columns[(label, stat[PAPER])] = [_value_text(table.paper.loc[r.key, name], decimals,
+                                                     latex) for r in rows]
         columns[(label, stat["Δ"])] = [_value_text(delta[r.key], decimals, latex, signed=True)
                                       for r in rows]
     index_name = table.spec.index_name
@@ -84,20 +143,21 @@ def display_frame(table: Table, decimals: int, latex: bool = False) -> pd.DataFr
     return frame
 
 
-def csv_frame(table: Table) -> pd.DataFrame:
-    """The CSV layout: one header row, ``"<column> <stat>"`` names, two decimals."""
-    frame = display_frame(table, decimals=2)
-    frame.columns = [" ".join(part for part in col if part) for col in frame.columns]
-    return frame
+def notes(table: Table) -> list[str]:
+    """The footnotes of the console and LaTeX views: what † means, when a cell has one."""
+    if not table.partial.to_numpy().any():
+        return []
+    limits = ", ".join(str(v) for v in table.limits)
+    return [f"{PARTIAL_MARK} partial split (limit={limits}): not the whole benchmark"]
 
 
 def best_mask(table: Table, frame: pd.DataFrame) -> np.ndarray:
-    """True on the "ours" cells holding the best (highest) of ours in their column."""
+    """True on the reproduced cells holding the best (highest) reproduced value per column."""
     mask = np.zeros(frame.shape, dtype=bool)
     labels = _column_labels(table)
     for j, (label, stat) in enumerate(frame.columns):
         name = next((n for n, lab in labels.items() if lab == label), None)
-        if name is None or stat != STATS_LATEX["ours"]:
+        if name is None or stat != STATS_LATEX[REPRODUCED]:
             continue
         values = table.ours[name].to_numpy()
         if np.isfinite(values).any():
@@ -106,25 +166,28 @@ def best_mask(table: Table, frame: pd.DataFrame) -> np.ndarray:
 
 
 def latex_text(text: str) -> str:
-    """Plain text (a title) made safe for LaTeX: escapes and math for ±, τ, ×."""
+    """Plain text (a title, a note) made safe for LaTeX: escapes and math for ±, τ, ×, †."""
     for plain, tex in (("%", r"\%"), ("#", r"\#"), ("&", r"\&"), ("_", r"\_"),
-                       ("±", r"$\pm$"), ("τ", r"$\tau$"), ("×", r"$\times$")):
+                       ("±", r"$\pm$"), ("τ", r"$\tau$"), ("×", r"$\times$"),
+                       (PARTIAL_MARK, r"$^\dagger$")):
         text = text.replace(plain, tex)
     return text
 
 
 def to_latex(table: Table) -> str:
-    """booktabs LaTeX via ``Styler.to_latex``: one decimal, best of ours per column bold."""
+    """booktabs LaTeX via ``Styler.to_latex``: one decimal, the best reproduced value per
+    column bold; the caption explains the columns and any †."""
     frame = display_frame(table, decimals=1, latex=True)
     mask = best_mask(table, frame)
     styler = frame.style.apply(lambda _: np.where(mask, "textbf:--rwrap;", ""), axis=None)
     n_text = len(table.extra.columns) + 1
+    caption = (f"{latex_text(caption_text(table.spec))}. Reproduced vs the paper; "
+               r"$\Delta$ = reproduced $-$ paper."
+               + "".join(f" {latex_text(note)}." for note in notes(table)))
     return styler.to_latex(
         hrules=True, multicol_align="c", position_float="centering",
         column_format="l" * n_text + "r" * (frame.shape[1] - n_text + 1),
-        caption=f"{latex_text(caption_text(table.spec))}. Ours vs the paper; "
-                r"$\Delta$ = ours $-$ paper.",
-        label=f"tab:{table.spec.stem}")
+        caption=caption, label=f"tab:{table.spec.stem}")
 
 
 def caption_text(spec) -> str:
@@ -136,15 +199,21 @@ def caption_text(spec) -> str:
 
 
 def console_frame(table: Table) -> pd.DataFrame:
-    """A compact view: ``ours (Δ)`` per column."""
+    """A compact view: ``reproduced (Δ)`` per column."""
     full = display_frame(table, decimals=2)
     view = {}
     for label in _column_labels(table).values():
-        ours, delta = full[(label, "ours")], full[(label, "Δ")]
-        view[label] = [o if d == MISSING else f"{o} ({d})"
-                       for o, d in zip(ours, delta, strict=True)]
+        values, delta = full[(label, REPRODUCED)], full[(label, "Δ")]
+        view[label] = [v if d == MISSING else f"{v} ({d})"
+                       for v, d in zip(values, delta, strict=True)]
     lead = {c: full[("", c)] for c in table.extra.columns if c in ("Img size", "FLOPs")}
     return pd.DataFrame({**lead, **view}, index=full.index)
+
+
+def console_text(table: Table) -> str:
+    """The console view with a key line and the notes under it."""
+    key = f"cells: {REPRODUCED} mIoU (Δ = {REPRODUCED} − {PAPER})"
+    return "\n".join([console_frame(table).to_string(), key, *notes(table)])
 
 
 def write_table(table: Table, out: Path) -> list[Path]:
