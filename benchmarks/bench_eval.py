@@ -1,6 +1,7 @@
 """How fast is the evaluation path, and is it still exact? One run, one set of weights.
 
     python benchmarks/bench_eval.py [--images 4] [--variants 20] [--device cpu] [--precision fp32]
+    python benchmarks/bench_eval.py --text-only     # (t) alone
 
 (a) per-image time of our path (windows batched, trunk shared, DataLoader-free here)
     vs a straightforward reference-style loop (one window at a time, batch 1, full-size
@@ -9,7 +10,11 @@
 (c) achieved encoder GFLOP/s vs this machine's dense-matmul GFLOP/s, measured here;
 (d) text-embedding time: full 77-token context vs cut after the longest prompt;
 (e) the bf16 CPU path (AMX) vs the fp32 reference: time per image and how many predicted
-    pixels change (with real weights, run sclip_lab.run twice to see how far mIoU moves).
+    pixels change (with real weights, run sclip_lab.run twice to see how far mIoU moves);
+(t) with --text-only: every benchmark's vocabulary (conf/dataset/*.yaml) × the 80 OpenAI
+    templates, (1) each vocabulary alone from scratch, (2) all in a row through one fresh
+    cache (names another benchmark already embedded are reused), then the old per-class
+    loop vs ours on the smallest vocabulary (--text-baseline, max |Δ| asserted).
 
 Weights are a random-init ViT-B/16 (QuickGELU) unless --pretrained names a file or tag;
 speed does not depend on the weights. Images are synthetic VOC-sized (375×500) scenes.
@@ -28,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from sclip_lab import segment
+from sclip_lab.data import spec_from_config
 from sclip_lab.flops import VIT_B16, vit_encoder_flops
 from sclip_lab.model import patch_logits
 from sclip_lab.pipeline import build_head, build_segmenter
-from sclip_lab.text import TEMPLATE_SETS, encode_text, split_queries
+from sclip_lab.prepare.catalogue import benchmarks, load_section
+from sclip_lab.text import TEMPLATE_SETS, classifier, encode_text, query_embeddings, split_queries
 
 VOC_CLASSES = ["sky, wall, tree, wood, grass, road, sea, river, mountain, sands, desk, bed, "
                "building, cloud, lamp, door, window, wardrobe, ceiling, shelf, curtain, stair, "
@@ -137,10 +144,71 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--pretrained", default="none")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--text-only", action="store_true", help="only (t): the text side")
+    ap.add_argument("--text-baseline", default="cityscapes",
+                    help="(t) vocabulary for the old-loop comparison; 'none' skips it")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        run(args, tmp)
+        if args.text_only:
+            text_side(args, tmp)
+        else:
+            run(args, tmp)
+
+
+def vocabularies() -> dict[str, list[str]]:
+    """benchmark -> its query names, read through the dataset config code."""
+    return {b: split_queries(spec_from_config(load_section(b)).classes)[0]
+            for b in benchmarks()}
+
+
+@torch.no_grad()
+def per_class_loop(model, tokenizer, names, templates, device) -> torch.Tensor:
+    """The old path: one batch of all templates per name, cut at its longest prompt."""
+    out = []
+    for name in names:
+        embs = encode_text(model, tokenizer([t(name) for t in templates]).to(device))
+        out.append(F.normalize(F.normalize(embs.float(), dim=-1).mean(0), dim=-1))
+    return torch.stack(out)
+
+
+def text_side(args: argparse.Namespace, tmp: str) -> None:
+    """(t): per benchmark queries, prompts encoded, seconds and prompts/s, and the totals."""
+    arch, dev = "ViT-B-16-quickgelu", torch.device(args.device)
+    model = open_clip.create_model(arch, precision=args.precision, device=dev).eval()
+    tok, tmpl = open_clip.get_tokenizer(arch), TEMPLATE_SETS["openai_imagenet"]
+    vocab = vocabularies()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, "
+          f"{args.precision}; {arch} text tower (random init) × {len(tmpl)} templates")
+    header = f"{'benchmark':<12}{'queries':>8}{'prompts':>9}{'seconds':>9}{'prompts/s':>11}"
+    for title, cache in (("(t1) each vocabulary alone, from scratch", None),
+                         ("(t2) all in a row, one fresh cache", Path(tmp) / "cache")):
+        print(f"{title}\n    {header}")
+        seen: set[str] = set()
+        total_q = total_p = total_t = 0
+        for bench, names in vocab.items():
+            fresh = [n for n in dict.fromkeys(names) if cache is None or n not in seen]
+            seen.update(names)
+            if cache is None:
+                _, t = timed(query_embeddings, model, tok, names, tmpl, dev)
+            else:
+                _, t = timed(classifier, model, arch, names, "openai_imagenet", dev, cache)
+            prompts = len(fresh) * len(tmpl)
+            total_q, total_p, total_t = total_q + len(names), total_p + prompts, total_t + t
+            print(f"    {bench:<12}{len(names):>8}{prompts:>9}{t:>9.1f}{prompts / t:>11.0f}",
+                  flush=True)
+        print(f"    {'total':<12}{total_q:>8}{total_p:>9}{total_t:>9.1f}"
+              f"{total_p / total_t:>11.0f}", flush=True)
+    if args.text_baseline != "none":
+        names = vocab[args.text_baseline]
+        old, t_old = timed(per_class_loop, model, tok, names, tmpl, dev)
+        new, t_new = timed(query_embeddings, model, tok, names, tmpl, dev)
+        diff = float((old - new).abs().max())
+        assert diff < 1e-4, diff
+        n = len(names) * len(tmpl)
+        print(f"(t3) {args.text_baseline}, {n} prompts: old per-class loop {t_old:.1f} s "
+              f"({n / t_old:.0f} prompts/s), ours {t_new:.1f} s ({n / t_new:.0f} prompts/s) "
+              f"-> {t_old / t_new:.1f}x; max |Δ| {diff:.1e}")
 
 
 def run(args: argparse.Namespace, tmp: str) -> None:

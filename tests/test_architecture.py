@@ -11,7 +11,8 @@ PKG = REPO / "src" / "sclip_lab"
 # Entry points (`python -m sclip_lab.<name>`): none may import another. `prepare` is also a
 # library room (run checks a benchmark with it); its command line is its own module.
 ENTRY_POINTS = {"sclip_lab.run", "sclip_lab.predict", "sclip_lab.learn", "sclip_lab.visualize",
-                "sclip_lab.sync", "sclip_lab.prepare.__main__", "sclip_lab.prepare.cli"}
+                "sclip_lab.sync", "sclip_lab.prepare.__main__", "sclip_lab.prepare.cli",
+                "sclip_lab.trunk_cache.__main__"}
 
 
 def _module_name(path: Path) -> str:

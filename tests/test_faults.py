@@ -20,6 +20,8 @@ from synthetic import write_benchmark
 
 
 def _module(name: str):
+    if name == "trunk_cache":  # a library room whose command line is its __main__
+        return importlib.import_module("sclip_lab.trunk_cache.__main__")
     if name == "analysis.make_tables":  # a script: import it by path, as users run it
         if "make_tables" not in sys.modules:
             spec = importlib.util.spec_from_file_location("make_tables",
@@ -37,7 +39,8 @@ def invoke(module: str, argv: list[str]) -> int:
     old = sys.argv
     sys.argv = [module, *argv]
     try:
-        code = mod.main(argv) if module in ("prepare", "sync", "analysis.make_tables") \
+        code = mod.main(argv) if module in ("prepare", "sync", "analysis.make_tables",
+                                            "trunk_cache") \
             else mod.main()
     except SystemExit as e:
         code = e.code
@@ -131,6 +134,10 @@ CASES = [
     # Paths: files where folders belong, missing data and weights.
     ("cache-dir-is-file", RUN, ["cache_dir={file}"], 2, "cache_dir {file} is a file"),
     ("cache-dir-under-file", RUN, ["cache_dir={file}/c"], 2, "lies under the file"),
+    ("trunk-cache-is-file", RUN, ["trunk_cache={file}"], 2, "trunk_cache {file} is a file"),
+    ("trunk-cache-under-file", RUN, ["trunk_cache={file}/c"], 2, "lies under the file"),
+    ("trunk-cache-dtype", RUN, ["trunk_cache_dtype=bf16"], 2,
+     "trunk_cache_dtype=bf16 is not one of fp32|fp16"),
     ("data-root-is-file", RUN, ["data_root={file}"], 2, "data_root {file} is a file"),
     ("data-root-missing", RUN, ["data_root={root}/nothing"], 2,
      "python -m sclip_lab.prepare voc21"),
@@ -185,6 +192,10 @@ CASES = [
     ("tables-bad-number", "analysis.make_tables", ["--tables", "9"], 2,
      "no table '9'; tables are 1, 2"),
     ("sync-root-missing", "sync", ["{root}/none"], 2, "no such folder"),
+    ("trunk-cache-cli-missing", "trunk_cache", ["info", "{root}/none"], 2,
+     "no trunk cache at {root}/none"),
+    ("trunk-cache-cli-not-a-cache", "trunk_cache", ["clear", "{root}/good"], 2,
+     "{root}/good is not a trunk cache"),
 ]
 
 
@@ -210,7 +221,7 @@ def test_the_suite_is_broad():
     entries = {c[1] for c in CASES}
     assert len(CASES) >= 40
     assert entries == {"run", "predict", "visualize", "learn", "prepare",
-                       "analysis.make_tables", "sync"}
+                       "analysis.make_tables", "sync", "trunk_cache"}
 
 
 # ---------------------------------------------------------------- no result is ever lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import open_clip
@@ -10,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, openai_state_dict
 
-from sclip_lab.model import DenseEncoder, ModelError, interpolate_pos_embed, load_clip
+from sclip_lab import precision
+from sclip_lab.model import (
+    DenseEncoder,
+    ModelError,
+    interpolate_pos_embed,
+    load_clip,
+    resolve_precision,
+)
 from sclip_lab.pipeline import build_last_block
 
 
@@ -121,6 +129,34 @@ def test_precision_choices(tiny_checkpoint):
         load_clip(TINY, str(tiny_checkpoint), "fp8", "cpu")
     _, auto = load_clip(TINY, str(tiny_checkpoint), "auto", "cpu")
     assert auto["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_precision_advice_once_per_process(monkeypatch, caplog, native):
+    monkeypatch.setattr(precision, "cpu_native", lambda p: native or p == "fp32")
+    precision.advise.cache_clear()
+    caplog.set_level(logging.INFO, logger="sclip_lab.precision")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for _ in range(3):
+        assert resolve_precision("bf16", cpu) == "bf16"
+        assert resolve_precision("auto", cpu) == "fp32"  # auto never picks bf16 on CPU
+        resolve_precision("bf16", cuda), resolve_precision("fp32", cpu)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    if native:
+        assert not warnings and len(infos) == 2 and "precision=bf16 is faster" in infos[1]
+    else:
+        assert infos == [] and len(warnings) == 1
+        assert "emulated" in warnings[0] and "use precision=fp32 (or auto)" in warnings[0]
+    precision.advise.cache_clear()
+
+
+def test_native_probe_tolerates_a_torch_without_it(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: 1 / 0, raising=False)
+    assert precision.cpu_native("bf16") is False and precision.cpu_native("fp32")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert precision.cpu_native("bf16")
 
 
 def _reference_pos_embed(pos, h, w):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +21,7 @@ from sclip_lab.config import variant_overrides
 from sclip_lab.errors import ConfigError, number
 from sclip_lab.model import DenseEncoder
 from sclip_lab.pipeline import Head, Preprocess, Segmenter, build_head, build_segmenter
+from sclip_lab.trunk_cache import open_cache
 
 log = logging.getLogger("sclip_lab")
 
@@ -93,13 +95,18 @@ def segmenter_from_config(cfg: DictConfig, classes: Sequence[str], logit_scale: 
                           prob_thd: float, area_thd: float | None,
                           prep: Preprocess | None = None) -> tuple[Segmenter, dict]:
     """``build_segmenter`` with the sections of a composed run/predict config (``prep``:
-    the preprocessing already built for the data loader, else ``cfg.preprocess``)."""
-    return build_segmenter(
+    the preprocessing already built for the data loader, else ``cfg.preprocess``), with
+    the trunk cache when ``trunk_cache`` names a folder."""
+    segmenter, info = build_segmenter(
         model=cfg.model, attention=cfg.attention, projection=cfg.get("projection"),
         preprocess=prep or cfg.preprocess, postprocess=cfg.get("postprocess"),
         classes=list(classes), logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
         templates=cfg.text.templates, device=cfg.device, precision=cfg.precision,
         batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, learned=learned_of(cfg))
+    if cfg.get("trunk_cache"):
+        segmenter.trunk_cache = open_cache(cfg.trunk_cache, cfg.get("trunk_cache_dtype", "fp32"),
+                                           segmenter.encoder, info, asdict(segmenter.prep))
+    return segmenter, info
 
 
 def learned_of(cfg: DictConfig) -> tuple[Tensor, Tensor | None] | None:

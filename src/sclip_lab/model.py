@@ -34,6 +34,7 @@ from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError
 from sclip_lab.files import file_digest
 from sclip_lab.knobs import Variant, call_with
+from sclip_lab.precision import advise as advise_precision
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> fp16 on CUDA, fp32 on CPU; logs once what a CPU precision costs."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ModelError(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
+    advise_precision(precision, device.type)
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ModelError(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
     return precision
 
 
@@ -123,7 +126,8 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         arch: open_clip config name (``ViT-B-16-quickgelu``, ``ViT-L-14``…).
         pretrained: a hub tag (``openai``, ``laion2b_s34b_b88k``…), a local checkpoint
             path, or ``none`` for random weights (tests).
-        precision: ``auto`` (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16.
+        precision: ``auto`` (fp16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16 (emulated,
+            slow, on CPUs without AMX/AVX-512: ``sclip_lab.precision``).
         device: ``auto`` | cpu | cuda.
         quick_gelu: force the activation; None = QuickGELU exactly for OpenAI weights.
         config_file: an extra open_clip model-config JSON to register first (custom arch).

@@ -20,6 +20,7 @@ from sclip_lab.errors import ConfigError, integer
 from sclip_lab.knobs import BindContext
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section
 from sclip_lab.text import classifier, split_queries
+from sclip_lab.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class Segmenter:
     post: segment.PostProcess
     prep: Preprocess
     batch_size: int = 16
+    trunk_cache: TrunkCache | None = None  # blocks 1…depth−1 on disk: speed only
 
     @property
     def device(self) -> torch.device:
@@ -194,7 +196,18 @@ class Segmenter:
                hidden_layers: Sequence[int] = ()) -> list[WindowGroup]:
         """Trunk outputs of every sliding window of ``images`` (each ``(3, Hr, Wr)``),
         batched across images by window size, keeping ``early_layers``' attention maps and
-        ``hidden_layers``' hidden states."""
+        ``hidden_layers``' hidden states. With a ``trunk_cache``, images met before are
+        read from it (the same groups and values), the others computed and stored."""
+        if self.trunk_cache is None:
+            return self.trunk_pass(images, early_layers, hidden_layers)
+        return [WindowGroup(owners, trunk) for owners, trunk in self.trunk_cache.encode(
+            images, self.prep.boxes, early_layers, hidden_layers, self.trunk_pass,
+            self.device)]
+
+    @torch.no_grad()
+    def trunk_pass(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
+                   hidden_layers: Sequence[int] = ()) -> list[WindowGroup]:
+        """``encode`` without the cache: blocks 1…depth−1 on every window."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
             boxes = self.prep.boxes(img.shape[1], img.shape[2])

@@ -52,8 +52,17 @@ def result_key(config: Mapping[str, Any]) -> str:
     att = relevant["attention"]
     if isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
         relevant["attention"] = ATTENTIONS[att["name"]].key_section(att)
+    if lossy_trunk_cache(config):  # only then: the exact cache leaves old keys as they were
+        relevant["trunk_cache_dtype"] = config["trunk_cache_dtype"]
     blob = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lossy_trunk_cache(config: Mapping[str, Any]) -> bool:
+    """True when a run reads its trunk from a cache that rounded it: ``trunk_cache`` set
+    with ``trunk_cache_dtype=fp16`` on an fp32 trunk (``precision`` resolved)."""
+    return bool(config.get("trunk_cache")) and config.get("trunk_cache_dtype") == "fp16" \
+        and config.get("precision") == "fp32"
 
 
 def knob_field_names() -> tuple[str, ...]:

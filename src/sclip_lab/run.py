@@ -52,6 +52,7 @@ from sclip_lab.records import (
     write_record,
 )
 from sclip_lab.tracking import Tracker, check_logger
+from sclip_lab.trunk_cache import check_dtype
 
 log = logging.getLogger("sclip_lab")
 
@@ -104,6 +105,9 @@ def preflight(cfg: DictConfig) -> None:
     integer(cfg.logger.get("num_overlays", 0) or 0, "logger.num_overlays", 0)
     if cfg.get("cache_dir"):
         check_writable_dir(cfg.cache_dir, "cache_dir")
+    check_dtype(cfg.get("trunk_cache_dtype", "fp32"))
+    if cfg.get("trunk_cache"):
+        check_writable_dir(cfg.trunk_cache, "trunk_cache")
     for key in ("pretrained", "config_file"):  # a file that is not there fails now, not later
         value = str(cfg.model.get(key) or "")
         path = Path(value).expanduser()
@@ -153,9 +157,13 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
                         job.overlays.append((it["id"], it["image"], pred.cpu().numpy()))
             bar.update(len(items))
     t_eval = time.perf_counter() - t1
-    return [finish_job(job, spec, info, len(dataset),
-                       {"setup_s": t_setup, "eval_s": t_eval, "variants_in_pass": len(jobs),
-                        "per_image_s": t_eval / max(len(dataset), 1)}) for job in jobs]
+    timings = {"setup_s": t_setup, "eval_s": t_eval, "variants_in_pass": len(jobs),
+               "per_image_s": t_eval / max(len(dataset), 1)}
+    if segmenter.trunk_cache is not None:
+        log.info(segmenter.trunk_cache.summary())
+        timings.update(trunk_cache_hits=segmenter.trunk_cache.hits,
+                       trunk_cache_misses=segmenter.trunk_cache.misses)
+    return [finish_job(job, spec, info, len(dataset), timings) for job in jobs]
 
 
 def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[str, Any],

@@ -1,8 +1,11 @@
 """Text classifier: templates × class names -> query embeddings ``(Q, E)`` (docs/protocol.md §4).
 
 Each class line may hold synonyms ("person, person in shirt, …"); every name is one query
-and ``query_class[q]`` is its class. Embeddings are cached on disk, keyed by the text
-tower's weights, the names and the templates.
+and ``query_class[q]`` is its class. All prompts of a vocabulary are encoded together in
+large, length-sorted batches with each template's shared prefix run once
+(``sclip_lab.text_tower``; exact under CLIP's causal mask). Embeddings are cached on disk
+per vocabulary, keyed by the text tower's weights, arch, dtype, the names and the
+templates; a new vocabulary takes the names it shares with cached ones from them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,8 +26,11 @@ from tqdm.auto import tqdm
 
 from sclip_lab.errors import ConfigError
 from sclip_lab.files import atomic_target
+from sclip_lab.text_tower import causal_clip_text, encode_prompts
 
 log = logging.getLogger(__name__)
+
+SILENT_BELOW = 640  # prompts: smaller vocabularies (≈ 8 names × 80 templates) show no bar
 
 TEMPLATE_SETS: dict[str, tuple[Callable[[str], str], ...]] = {
     "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80, in their original order
@@ -70,12 +77,6 @@ def tower_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _causal_clip_text(model: nn.Module) -> bool:
-    return (getattr(model, "text_pool_type", None) == "argmax"
-            and getattr(model, "attn_mask", None) is not None
-            and hasattr(model, "token_embedding"))
-
-
 @torch.no_grad()
 def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
     """``(B, 77)`` token ids -> ``(B, E)`` text embeddings (not normalised).
@@ -84,7 +85,7 @@ def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
     end-of-text token: under the causal mask later positions cannot reach it, so the
     result equals ``model.encode_text`` at a fraction of the cost.
     """
-    if not _causal_clip_text(model):
+    if not causal_clip_text(model):
         return model.encode_text(tokens)
     eot = tokens.argmax(dim=-1)
     n = int(eot.max()) + 1
@@ -97,39 +98,87 @@ def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
-@torch.no_grad()
 def query_embeddings(model: nn.Module, tokenizer: Callable, names: Sequence[str],
                      templates: Sequence[Callable[[str], str]], device: torch.device,
-                     batch_size: int = 256) -> Tensor:
-    """``(Q, E)`` fp32: per name, mean of the L2-normalised template embeddings, re-normalised."""
-    out = []
-    for name in tqdm(names, desc="text queries", leave=False, disable=len(names) < 8):
-        prompts = [t(name) for t in templates]
-        embs = torch.cat([encode_text(model, tokenizer(prompts[i:i + batch_size]).to(device))
-                          for i in range(0, len(prompts), batch_size)])
-        out.append(F.normalize(F.normalize(embs.float(), dim=-1).mean(0), dim=-1))
-    return torch.stack(out)
+                     batch_tokens: int = 1024, desc: str = "text embeddings (not cached)"
+                     ) -> Tensor:
+    """``(Q, E)`` fp32: per name, mean of the L2-normalised template embeddings, re-normalised.
+
+    Every prompt of the vocabulary (distinct names × templates) is tokenised at once and
+    encoded across names in large batches (``text_tower.encode_prompts``: shared template
+    prefixes once, suffixes sorted by length); a repeated name is encoded once. One progress
+    bar (``desc``) counts prompts; one INFO line reports the rate.
+    """
+    unique = list(dict.fromkeys(names))
+    prompts = [t(n) for n in unique for t in templates]  # name-major: row u·T + t
+    start = time.perf_counter()
+    tokens = tokenizer(prompts).to(device)
+    groups = torch.arange(len(templates), device=device).repeat(len(unique))
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False,
+              disable=len(prompts) < SILENT_BELOW) as bar:
+        embs = encode_prompts(model, tokens, groups, batch_tokens, bar.update)
+    seconds = time.perf_counter() - start
+    log.info("text embeddings: %d prompts (%d names × %d templates) in %.1f s, %.0f prompts/s",
+             len(prompts), len(unique), len(templates), seconds, len(prompts) / seconds)
+    per_name = F.normalize(embs.float(), dim=-1).view(len(unique), len(templates), -1).mean(1)
+    row = {n: i for i, n in enumerate(unique)}
+    return F.normalize(per_name, dim=-1)[[row[n] for n in names]]
+
+
+def digest(fields: dict) -> str:
+    """Cache key of a JSON-able dict (its key order matters)."""
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
 
 
 def classifier(model: nn.Module, arch: str, names: Sequence[str], templates: str,
                device: torch.device, cache_dir: str | Path | None) -> Tensor:
-    """Cached ``query_embeddings`` for ``names`` with template set ``templates``."""
+    """Cached ``query_embeddings`` for ``names`` with template set ``templates``.
+
+    The vocabulary's own entry ``text-<key>.pt`` is read when present. Otherwise the names
+    that other entries of the same tower and templates hold are taken from them (VOC20's
+    from VOC21's, Context59's from Context60's) and only the rest are encoded.
+    """
     tmpl = get_templates(templates)
-    dtype = next(model.parameters()).dtype
-    key_src = json.dumps({"weights": tower_fingerprint(model), "arch": arch, "dtype": str(dtype),
-                          "names": list(names), "templates": [t("{}") for t in tmpl]})
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
-    path = Path(cache_dir).expanduser() / f"text-{key}.pt" if cache_dir else None
+    tower = {"weights": tower_fingerprint(model), "arch": arch,
+             "dtype": str(next(model.parameters()).dtype)}
+    tmpl_text = [t("{}") for t in tmpl]
+    family = digest({**tower, "templates": tmpl_text})  # entries whose rows are interchangeable
+    key = digest({**tower, "names": list(names), "templates": tmpl_text})  # old entries stay valid
+    root = Path(cache_dir).expanduser() if cache_dir else None
+    path = root / f"text-{key}.pt" if root else None
     if path is not None and path.is_file():
         try:
             return read_cached(path, names).to(device)
         except ValueError as e:
             log.warning("recomputing the broken text cache %s (%s)", path, e)
-    emb = query_embeddings(model, open_clip.get_tokenizer(arch), names, tmpl, device)
+    known = reusable_rows(root, family, names) if root else {}
+    missing = [n for n in dict.fromkeys(names) if n not in known]
+    if missing:
+        where = f"one-time, cached in {root}" if root else "not cached"
+        new = query_embeddings(model, open_clip.get_tokenizer(arch), missing, tmpl, device,
+                               desc=f"text embeddings ({where})")
+        known.update(zip(missing, new.cpu()))
+    emb = torch.stack([known[n] for n in names])
     if path is not None:
         with atomic_target(path) as tmp:
-            torch.save({"names": list(names), "embeddings": emb.cpu()}, tmp)
-    return emb
+            torch.save({"names": list(names), "embeddings": emb, "family": family}, tmp)
+    return emb.to(device)
+
+
+def reusable_rows(root: Path, family: str, names: Sequence[str]) -> dict[str, Tensor]:
+    """name -> ``(E,)`` row, for the ``names`` that valid entries of ``family`` in ``root``
+    hold (entries written before families existed are skipped)."""
+    wanted, found = set(names), {}
+    for path in sorted(root.glob("text-*.pt")):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or payload.get("family") != family:
+                continue
+            rows = checked_rows(payload)
+        except Exception:  # noqa: BLE001 - a broken entry just offers nothing
+            continue
+        found.update((n, e) for n, e in zip(payload["names"], rows) if n in wanted)
+    return found
 
 
 def read_cached(path: Path, names: Sequence[str]) -> Tensor:
@@ -145,10 +194,19 @@ def read_cached(path: Path, names: Sequence[str]) -> Tensor:
         raise ValueError(f"unreadable: {type(e).__name__}") from None
     if not isinstance(payload, dict) or payload.get("names") != list(names):
         raise ValueError("not this vocabulary's entry")
-    emb = payload.get("embeddings")
-    if not isinstance(emb, Tensor) or emb.dtype != torch.float32 or emb.ndim != 2 or len(
-            emb) != len(names):
-        raise ValueError(f"expected float32 ({len(names)}, E) embeddings")
+    return checked_rows(payload)
+
+
+def checked_rows(payload: dict) -> Tensor:
+    """A cache entry's ``(Q, E)`` embeddings, one per name.
+
+    Raises:
+        ValueError: not finite fp32 rows of unit length, one per name.
+    """
+    names, emb = payload.get("names"), payload.get("embeddings")
+    if not isinstance(names, list) or not isinstance(emb, Tensor) or (
+            emb.dtype != torch.float32 or emb.ndim != 2 or len(emb) != len(names)):
+        raise ValueError(f"expected float32 ({len(names or ())}, E) embeddings")
     if not torch.isfinite(emb).all() or not torch.allclose(emb.norm(dim=-1),
                                                            torch.ones(len(emb)), atol=1e-3):
         raise ValueError("embeddings are not finite unit vectors")

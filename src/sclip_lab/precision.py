@@ -1,0 +1,56 @@
+"""Whether this CPU computes bf16/fp16 natively, and one log line about it (docs/protocol.md §1).
+
+``precision=auto`` stays fp32 on CPU (the same numbers on every machine). A forced bf16 or
+fp16 on a CPU without AMX or AVX-512 BF16/FP16 runs in software: PyTorch converts every
+matmul, several times slower than fp32 (about 4× for ViT-B/16, benchmarks/bench_eval.py
+(e)). ``advise`` says so once per process; on a CPU that has the instructions it says
+instead that bf16 is available and faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# torch.cpu's private ISA probes that mean native matrix support, per precision.
+NATIVE_PROBES = {"bf16": ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
+                 "fp16": ("_is_amx_fp16_supported", "_is_avx512_fp16_supported")}
+
+
+def _probe(name: str) -> bool:
+    """``torch.cpu.<name>()``; False where this torch lacks the (private) probe."""
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if callable(fn) else False
+    except Exception:  # noqa: BLE001 - a broken probe means "not known to be native"
+        return False
+
+
+def cpu_native(precision: str) -> bool:
+    """True when this CPU has matrix instructions for ``precision`` (fp32 always)."""
+    return precision == "fp32" or any(_probe(n) for n in NATIVE_PROBES.get(precision, ()))
+
+
+@functools.cache
+def advise(precision: str, device_type: str) -> None:
+    """Log, once per process and precision, what ``precision`` (as requested, ``auto``
+    included) costs on a CPU: a warning when it is emulated, an info line when bf16 is
+    native and would be faster than the fp32 that ``auto`` picks. Silent on GPUs."""
+    if device_type != "cpu" or precision == "fp32":
+        return
+    if precision == "auto":
+        if cpu_native("bf16"):
+            log.info("precision=auto is fp32 on CPU (reproducible numbers); this CPU computes "
+                     "bf16 natively, so precision=bf16 is faster (predictions may move "
+                     "slightly)")
+    elif not cpu_native(precision):
+        log.warning("precision=%s is emulated on this CPU (no AMX or AVX-512 %s): about 4× "
+                    "slower than fp32 here; use precision=fp32 (or auto)", precision,
+                    precision.upper())
+    else:
+        log.info("precision=%s: this CPU computes it natively (AMX or AVX-512), faster than "
+                 "fp32", precision)

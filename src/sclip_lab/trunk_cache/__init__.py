@@ -1,0 +1,339 @@
+"""The trunk cache: blocks 1…depth−1 of every window, on disk (``trunk_cache=DIR``).
+
+A researcher's loop changes the last block and evaluates again; blocks 1…depth−1 see
+the same windows every time. With ``trunk_cache=DIR`` each preprocessed image's trunk
+outputs (the last block's input ``x``, plus the attention maps and hidden states that the
+chosen variants declare: ``borrows=``, ``hidden=``) are stored once and read back on later
+runs. Layout::
+
+    DIR/README.txt                               what this folder is, how to drop it
+    DIR/<arch>-<model key>/manifest.json         what the key stands for
+    DIR/<arch>-<model key>/<image hash>.safetensors   one entry per preprocessed image
+
+The model key hashes the weights' identity, the tower's architecture, precision, device
+kind, preprocessing (short side, window, stride) and storage dtype; the image hash is the
+content of the preprocessed ``(3, Hr, Wr)`` tensor. An entry holds, per window-size group
+``g``: ``g.x`` ``(n, N, D)``, ``g.early.<l>`` ``(n, heads, N, N)``, ``g.hidden.<l>``
+``(n, N, D)``, with the windows' boxes and a checksum per tensor in its metadata. Entries
+are written to a temporary file and renamed (parallel sweep jobs may write the same one);
+one that is unreadable, of another layout, shape or checksum is recomputed with a warning.
+An entry without a layer a new variant needs is recomputed with the union of both.
+``fp32`` keeps the trunk's own values (predictions identical to a run without the cache);
+``fp16`` halves the size of an fp32 trunk, and the numbers may drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sclip_lab import segment
+from sclip_lab.errors import ConfigError
+from sclip_lab.files import atomic_target, write_json_atomic
+from sclip_lab.model import TrunkOutput
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sclip-trunk-cache/1"
+DTYPES = ("fp32", "fp16")
+MARKER = "README.txt"
+MANIFEST = "manifest.json"
+SUFFIX = ".safetensors"
+README = f"""\
+sclip_lab trunk cache ({FORMAT}): blocks 1…depth−1 of every evaluated window, one
+folder per model/preprocessing (manifest.json says which), one .safetensors file per
+image. Only speed depends on it. Show it:  python -m sclip_lab.trunk_cache info DIR
+Drop it:  python -m sclip_lab.trunk_cache clear DIR   (or delete this folder)
+"""
+
+Box = tuple[int, int, int, int]
+Layout = list[tuple[tuple[int, int], list[Box]]]  # window size -> its boxes, in group order
+
+
+def check_dtype(name: Any) -> str:
+    """``trunk_cache_dtype`` as one of ``DTYPES``, or ConfigError."""
+    if name not in DTYPES:
+        raise ConfigError(f"trunk_cache_dtype={name} is not one of {'|'.join(DTYPES)}")
+    return str(name)
+
+
+def storage_dtype(name: str, trunk: torch.dtype) -> torch.dtype:
+    """What an entry stores: the trunk's own dtype (``fp32``: exact), or half precision for
+    an fp32 trunk (``fp16``; an fp16/bf16 trunk is stored as it is, already 16-bit)."""
+    lossy = check_dtype(name) == "fp16" and trunk == torch.float32
+    return torch.float16 if lossy else trunk
+
+
+def digest(tensor: Tensor, size: int = 16) -> str:
+    """blake2b of a tensor's dtype, shape and bytes."""
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=size)
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def tower_fingerprint(visual: nn.Module) -> str:
+    """Hash of every visual tensor (weights without a file or hub tag: random init)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(visual.state_dict().items()):
+        h.update(name.encode() + digest(tensor).encode())
+    return h.hexdigest()
+
+
+def model_parts(info: Mapping[str, Any], visual: nn.Module, prep: Mapping[str, Any],
+                dtype: torch.dtype) -> dict[str, Any]:
+    """Everything the stored values depend on except the image itself (``dtype``: what
+    entries store)."""
+    if info.get("weights_sha256"):
+        weights = f"sha256:{info['weights_sha256']}"
+    elif str(info.get("pretrained") or "none") not in ("", "none"):
+        weights = f"tag:{info['pretrained']}"
+    else:
+        weights = f"tensors:{tower_fingerprint(visual)}"
+    return {"format": FORMAT, "arch": info["arch"], "weights": weights,
+            # the tower's structure (activation, widths) beyond what the arch name says
+            "tower": hashlib.blake2b(repr(visual).encode(), digest_size=8).hexdigest(),
+            "precision": info["precision"], "device": torch.device(info["device"]).type,
+            "short_side": prep["short_side"], "window": prep["window"],
+            "stride": prep["stride"], "dtype": str(dtype).removeprefix("torch.")}
+
+
+def folder_name(parts: Mapping[str, Any]) -> str:
+    """``<arch>-<16 hex>``: readable, and distinct for any change of ``parts``."""
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{parts['arch']}-{key}"
+
+
+def layout_of(boxes: Sequence[Box]) -> Layout:
+    """An image's windows grouped by size, in the order ``encode`` batches them."""
+    return list(segment.group_by_size(boxes).items())
+
+
+def entry_tensors(parts: Sequence[TrunkOutput], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per group ``g`` (one TrunkOutput per window size): ``g.x``, ``g.early.<l>``,
+    ``g.hidden.<l>``, as fresh CPU tensors of ``dtype`` (safetensors refuses views)."""
+    out = {}
+    for g, t in enumerate(parts):
+        named = {"x": t.x, **{f"early.{k}": v for k, v in t.early.items()},
+                 **{f"hidden.{k}": v for k, v in t.hidden.items()}}
+        for name, v in named.items():
+            out[f"{g}.{name}"] = v.detach().to("cpu", dtype, copy=True).contiguous()
+    return out
+
+
+def layers_of(keys: Iterable[str], kind: str) -> set[int]:
+    """The layers of ``kind`` (early|hidden) among an entry's tensor names ``g.kind.l``."""
+    return {int(k.split(".")[2]) for k in keys if k.split(".")[1] == kind}
+
+
+def read_entry(path: Path, layout: Layout, grids: Sequence[tuple[int, int]],
+               early: Sequence[int], hidden: Sequence[int], dtype: torch.dtype,
+               width: int) -> tuple[list[TrunkOutput] | None, set[int], set[int]]:
+    """One entry -> (per window-size group a TrunkOutput without ``images``, or None when
+    a requested layer is missing; the early and hidden layers the entry holds).
+
+    Raises:
+        ValueError: unreadable, another layout, a wrong shape, dtype or checksum.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+            has_early, has_hidden = layers_of(keys, "early"), layers_of(keys, "hidden")
+            if meta.get("format") != FORMAT or json.loads(meta["boxes"]) != [
+                    [list(b) for b in boxes] for _, boxes in layout]:
+                raise ValueError("another format or window layout")
+            if not (set(early) <= has_early and set(hidden) <= has_hidden):
+                return None, has_early, has_hidden
+            sums = json.loads(meta["sums"])
+
+            def get(name: str, shape: tuple) -> Tensor:
+                t = f.get_tensor(name)
+                if t.dtype != dtype or len(t.shape) != len(shape) or any(
+                        want not in (None, got) for want, got in zip(shape, t.shape)):
+                    raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, not {shape}")
+                if digest(t) != sums[name]:
+                    raise ValueError(f"{name}: checksum mismatch")
+                return t
+
+            out = []
+            for g, ((_, boxes), grid) in enumerate(zip(layout, grids)):
+                n, tokens = len(boxes), 1 + grid[0] * grid[1]
+                out.append(TrunkOutput(
+                    get(f"{g}.x", (n, tokens, width)), grid,
+                    {k: get(f"{g}.early.{k}", (n, None, tokens, tokens)) for k in early},
+                    {k: get(f"{g}.hidden.{k}", (n, tokens, width)) for k in hidden}))
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a broken entry
+        raise ValueError(f"unreadable: {type(e).__name__}: {e}") from None
+    return out, has_early, has_hidden
+
+
+def write_entry(path: Path, layout: Layout, parts: Sequence[TrunkOutput],
+                dtype: torch.dtype) -> int:
+    """Write one entry atomically (readers see the old file or the new one) -> bytes."""
+    from safetensors.torch import save_file
+
+    tensors = entry_tensors(parts, dtype)
+    meta = {"format": FORMAT, "boxes": json.dumps([[list(b) for b in boxes]
+                                                   for _, boxes in layout]),
+            "sums": json.dumps({k: digest(v) for k, v in tensors.items()})}
+    with atomic_target(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
+        size = tmp.stat().st_size
+    return size
+
+
+def take(trunk: TrunkOutput, early: Iterable[int], hidden: Iterable[int]) -> TrunkOutput:
+    """``trunk`` with only the given layers' maps and states."""
+    return TrunkOutput(trunk.x, trunk.grid, {k: trunk.early[k] for k in early},
+                       {k: trunk.hidden[k] for k in hidden}, trunk.images)
+
+
+def split_by_image(groups: Sequence[Any], count: int) -> list[dict[tuple[int, int], TrunkOutput]]:
+    """Computed window groups (``.owners`` ``[(image, box)]``, ``.trunk``) -> per image,
+    window size -> its windows' TrunkOutput (an image's windows are contiguous in a group)."""
+    out: list[dict] = [{} for _ in range(count)]
+    for group in groups:
+        rows: dict[int, list[int]] = {}
+        for row, (i, _) in enumerate(group.owners):
+            rows.setdefault(i, []).append(row)
+        for i, r in rows.items():
+            (y1, y2, x1, x2) = group.owners[r[0]][1]
+            out[i][(y2 - y1, x2 - x1)] = group.trunk.select(r[0], r[-1] + 1)
+    return out
+
+
+@dataclass
+class TrunkCache:
+    """One model/preprocessing folder of the cache, and this run's hit/miss counts."""
+
+    folder: Path
+    dtype: torch.dtype  # what entries store
+    trunk_dtype: torch.dtype  # what the encoder computes (loaded values are cast back)
+    width: int  # D
+    patch: int
+    hits: int = 0
+    misses: int = 0
+    writable: bool = True
+
+    def lookup(self, path: Path, layout: Layout, early: Sequence[int], hidden: Sequence[int]
+               ) -> tuple[list[TrunkOutput] | None, set[int], set[int]]:
+        """An entry's groups, or None with the layers it already holds (a broken entry:
+        one warning, then it is recomputed like a missing one)."""
+        if not path.is_file():
+            return None, set(), set()
+        grids = [(h // self.patch, w // self.patch) for (h, w), _ in layout]
+        try:
+            return read_entry(path, layout, grids, early, hidden, self.dtype, self.width)
+        except ValueError as e:
+            log.warning("trunk cache: recomputing the broken entry %s (%s)", path, e)
+            return None, set(), set()
+
+    def store(self, path: Path, layout: Layout, parts: Sequence[TrunkOutput]) -> None:
+        if not self.writable:
+            return
+        try:
+            write_entry(path, layout, parts, self.dtype)
+        except OSError as e:  # a full disk costs speed, never the evaluation
+            log.warning("trunk cache: cannot write to %s (%s); going on without storing",
+                        self.folder, e)
+            self.writable = False
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Tensor], boxes: Callable[[int, int], list[Box]],
+               early: Sequence[int], hidden: Sequence[int],
+               compute: Callable[..., list[Any]], device: torch.device
+               ) -> list[tuple[list[tuple[int, Box]], TrunkOutput]]:
+        """``Segmenter.encode`` through the cache -> ``[(owners, trunk)]`` per window size,
+        in the order and batches of an uncached pass. ``compute(images, early, hidden)`` is
+        that pass; it runs on the images that miss, with every layer their old entries
+        held too, so that an entry is rewritten with the union."""
+        layouts = [layout_of(boxes(img.shape[1], img.shape[2])) for img in images]
+        paths = [self.folder / f"{digest(img)}{SUFFIX}" for img in images]
+        found, missing, all_early, all_hidden = {}, [], set(early), set(hidden)
+        for i, (path, layout) in enumerate(zip(paths, layouts)):
+            parts, has_early, has_hidden = self.lookup(path, layout, early, hidden)
+            if parts is None:
+                missing.append(i)
+                all_early, all_hidden = all_early | has_early, all_hidden | has_hidden
+            else:
+                found[i] = dict(zip((size for size, _ in layout), parts))
+        self.hits, self.misses = self.hits + len(found), self.misses + len(missing)
+        if missing:
+            groups = compute([images[i] for i in missing], tuple(sorted(all_early)),
+                             tuple(sorted(all_hidden)))
+            for i, parts in zip(missing, split_by_image(groups, len(missing))):
+                self.store(paths[i], layouts[i], [parts[size] for size, _ in layouts[i]])
+                found[i] = {size: take(t, early, hidden) for size, t in parts.items()}
+        return assemble(images, layouts, found, device, self.trunk_dtype)
+
+    def summary(self) -> str:
+        """One line for the end of a run: hits, misses and the folder's size."""
+        count, size = folder_usage(self.folder)
+        return (f"trunk cache: {self.hits} hits, {self.misses} misses; {self.folder}: "
+                f"{count} entries, {human(size)}")
+
+
+def assemble(images: Sequence[Tensor], layouts: Sequence[Layout],
+             found: Mapping[int, Mapping[tuple[int, int], TrunkOutput]],
+             device: torch.device, dtype: torch.dtype
+             ) -> list[tuple[list[tuple[int, Box]], TrunkOutput]]:
+    """Per window size (first-seen order), the owners and the concatenated trunk outputs
+    of all images, on ``device`` in ``dtype``, with the windows' pixels as ``images``."""
+    owners: dict[tuple[int, int], list] = {}
+    parts: dict[tuple[int, int], list[TrunkOutput]] = {}
+    for i, layout in enumerate(layouts):
+        for size, boxes in layout:
+            t = found[i][size]
+            crops = torch.stack([images[i][:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+            owners.setdefault(size, []).extend((i, box) for box in boxes)
+            parts.setdefault(size, []).append(TrunkOutput(
+                t.x.to(device, dtype), t.grid,
+                {k: v.to(device, dtype) for k, v in t.early.items()},
+                {k: v.to(device, dtype) for k, v in t.hidden.items()}, crops.to(device)))
+    return [(owners[s], TrunkOutput.cat(parts[s])) for s in owners]
+
+
+def open_cache(root: str | Path, dtype: str, encoder: Any, info: Mapping[str, Any],
+               prep: Mapping[str, Any]) -> TrunkCache:
+    """The cache folder of this model and preprocessing under ``root`` (created, with its
+    README and manifest). ``encoder`` is the ``DenseEncoder``."""
+    root = Path(root).expanduser()
+    stored = storage_dtype(dtype, encoder.dtype)
+    parts = model_parts(info, encoder.visual, prep, stored)
+    folder = root / folder_name(parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (root / MARKER).is_file():
+        with atomic_target(root / MARKER) as tmp:
+            tmp.write_text(README)
+    if not (folder / MANIFEST).is_file():
+        write_json_atomic(folder / MANIFEST, parts)
+    return TrunkCache(folder, stored, encoder.dtype,
+                      int(encoder.visual.transformer.width), int(encoder.patch))
+
+
+def human(size: float) -> str:
+    """``3.6 MB``: decimal units, as disks are sold."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def folder_usage(folder: Path) -> tuple[int, int]:
+    """(entries, bytes) of one model folder (temporary files of running writers left out)."""
+    files = [p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+    return len(files), sum(p.stat().st_size for p in files if p.exists())
