@@ -68,6 +68,7 @@ def _records(root):
     return {p.relative_to(root): json.loads(p.read_text()) for p in root.rglob("result.json")}
 
 
+@pytest.mark.e2e
 def test_sweep_resumes_after_a_kill_and_tables_rebuild(tiny, tmp_path):
     data = tmp_path / "data"
     for name in TABLE_DATASETS[:2]:
@@ -108,6 +109,7 @@ def test_sweep_resumes_after_a_kill_and_tables_rebuild(tiny, tmp_path):
     assert (csv["coco_stuff_k"] == 0).all() and csv.filter(like="_mean").isna().any().all()
 
 
+@pytest.mark.e2e
 def test_submitit_local_launcher_smoke(tiny, tmp_path):
     data = tmp_path / "data"
     write_benchmark(data, "voc21", num_images=1, size=(64, 64))
@@ -130,6 +132,7 @@ def test_submitit_local_launcher_smoke(tiny, tmp_path):
     assert all((out / f"table4.{ext}").is_file() for ext in ("csv", "tex", "png", "pdf"))
 
 
+@pytest.mark.e2e
 def test_failed_job_does_not_stop_the_sweep(tiny, tmp_path):
     data = tmp_path / "data"
     write_benchmark(data, "voc21", num_images=1, size=(64, 64))  # context59 missing
@@ -165,6 +168,7 @@ def test_slurm_launcher_preset_composes():
     assert launcher.array_parallelism == 16 and launcher.max_num_timeout == 2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("grid,dataset,protocol", [("clearclip_grid", "voc20", "clearclip"),
                                                    ("naclip_grid", "voc21", "naclip")])
 def test_method_grids_run_as_sweeps_and_render_as_tables(tiny, tmp_path, grid, dataset,
@@ -199,6 +203,7 @@ def test_method_grids_run_as_sweeps_and_render_as_tables(tiny, tmp_path, grid, d
     assert (out / f"{grid}.tex").is_file() and (out / f"{grid}.png").is_file()
 
 
+@pytest.mark.e2e
 def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_factory):
     """Every method of the leaderboard on one benchmark, one shared trunk pass, on a
     12-block tiny ViT (deep enough for every method's default blocks)."""
