@@ -2,6 +2,7 @@
 
     python benchmarks/bench_eval.py [--images 4] [--variants 20] [--device cpu] [--precision fp32]
     python benchmarks/bench_eval.py --text-only     # (t) alone
+    python benchmarks/bench_eval.py --heavy [--heavy-images 2]   # (h) alone
 
 (a) per-image time of our path (windows batched, trunk shared, DataLoader-free here)
     vs a straightforward reference-style loop (one window at a time, batch 1, full-size
@@ -14,7 +15,14 @@
 (t) with --text-only: every benchmark's vocabulary (conf/dataset/*.yaml) × the 80 OpenAI
     templates, (1) each vocabulary alone from scratch, (2) all in a row through one fresh
     cache (names another benchmark already embedded are reused), then the old per-class
-    loop vs ours on the smallest vocabulary (--text-baseline, max |Δ| asserted).
+    loop vs ours on the smallest vocabulary (--text-baseline, max |Δ| asserted);
+(h) with --heavy: COCO-Stuff-sized (640×480, Q=171, short side 448) and ADE20K-sized
+    (683×512, Q=150, short side 336) images, random unit queries with the benchmark's
+    query→class map and constants: per-image time of the evaluation path
+    (``Segmenter.iter_class_maps``), encoder-only time for the same windows (trunk, last
+    block, readout; no stitching or post-processing) and their ratio; the same for the
+    per-window batch-1 reference loop; class maps asserted equal to ``classes`` of the
+    full logits (bit for bit) and to the reference loop (but for float ties).
 
 Weights are a random-init ViT-B/16 (QuickGELU) unless --pretrained names a file or tag;
 speed does not depend on the weights. Images are synthetic VOC-sized (375×500) scenes.
@@ -23,6 +31,7 @@ speed does not depend on the weights. Images are synthetic VOC-sized (375×500) 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +45,7 @@ from sclip_lab import segment
 from sclip_lab.data import spec_from_config
 from sclip_lab.flops import VIT_B16, vit_encoder_flops
 from sclip_lab.model import patch_logits
-from sclip_lab.pipeline import build_head, build_segmenter
+from sclip_lab.pipeline import Preprocess, build_head, build_segmenter
 from sclip_lab.prepare.catalogue import benchmarks, load_section
 from sclip_lab.text import TEMPLATE_SETS, classifier, encode_text, query_embeddings, split_queries
 
@@ -61,13 +70,15 @@ VARIANTS = (
 )
 
 
-def synthetic_images(n: int, seed: int = 0) -> list[np.ndarray]:
+def synthetic_images(n: int, seed: int = 0, size: tuple[int, int] = (375, 500)
+                     ) -> list[np.ndarray]:
+    """``n`` noisy ``size`` RGB scenes with six bright rectangles each."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        img = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8) // 4
+        img = rng.integers(0, 255, (*size, 3), dtype=np.uint8) // 4
         for _ in range(6):
-            y, x = rng.integers(0, 300), rng.integers(0, 400)
+            y, x = rng.integers(0, size[0] - 75), rng.integers(0, size[1] - 100)
             img[y:y + 120, x:x + 150] += rng.integers(0, 190, 3, dtype=np.uint8)
         out.append(img)
     return out
@@ -102,7 +113,23 @@ def reference_loop(seg, image: np.ndarray, head) -> torch.Tensor:
         preds += F.pad(logit, (x1, w - x2, y1, h - y2))
         count[:, :, y1:y2, x1:x2] += 1
     logits = segment.upsample((preds / count)[0], image.shape[:2])
-    return segment.predict_classes(logits, seg.post)
+    return reference_classes(logits, seg.post)
+
+
+def reference_classes(logits: torch.Tensor, post) -> torch.Tensor:
+    """The straightforward post-processing (docs/protocol.md §5.9–12): full-size softmax
+    over queries, area threshold, first maximal query, probability threshold."""
+    probs = torch.softmax(logits.float() * post.logit_scale, dim=0)
+    query_class = post.query_class.to(logits.device)
+    if post.area_thd is not None:
+        areas = torch.bincount(query_class[probs.argmax(0)].flatten(),
+                               minlength=post.num_classes)
+        small = areas <= post.area_thd * areas[1:].sum()
+        small[0] = False
+        probs = probs.masked_fill(small[query_class].view(-1, 1, 1), 0.0)
+    conf, best = probs.max(0)
+    pred = query_class[best]
+    return pred.masked_fill(conf < post.prob_thd, 0) if post.prob_thd > 0 else pred
 
 
 def compare(logits: torch.Tensor, pred: torch.Tensor, other: torch.Tensor, post,
@@ -145,6 +172,9 @@ def main() -> None:
     ap.add_argument("--pretrained", default="none")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--text-only", action="store_true", help="only (t): the text side")
+    ap.add_argument("--heavy", action="store_true",
+                    help="only (h): COCO-Stuff- and ADE20K-sized cases")
+    ap.add_argument("--heavy-images", type=int, default=2, help="(h) images per case")
     ap.add_argument("--text-baseline", default="cityscapes",
                     help="(t) vocabulary for the old-loop comparison; 'none' skips it")
     args = ap.parse_args()
@@ -152,6 +182,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.text_only:
             text_side(args, tmp)
+        elif args.heavy:
+            heavy(args, tmp)
         else:
             run(args, tmp)
 
@@ -211,11 +243,104 @@ def text_side(args: argparse.Namespace, tmp: str) -> None:
               f"-> {t_old / t_new:.1f}x; max |Δ| {diff:.1e}")
 
 
+def weights_file(args: argparse.Namespace, tmp: str) -> str:
+    """--pretrained, or one random-init checkpoint file, so every path loads the same."""
+    if args.pretrained != "none":
+        return args.pretrained
+    weights = str(Path(tmp) / "ViT-B-16-random.pt")
+    torch.save(open_clip.create_model("ViT-B-16-quickgelu").state_dict(), weights)
+    return weights
+
+
+# (h): benchmark -> a typical image size (H, W)
+HEAVY_CASES = {"coco_stuff": (480, 640), "ade20k": (512, 683)}
+
+
+@torch.no_grad()
+def encoder_only(seg, resized) -> None:
+    """Our path up to the window logits: batched trunk, last block, readout."""
+    seg.window_logits(seg.encode(resized), len(resized), seg.heads[0])
+
+
+@torch.no_grad()
+def encoder_only_batch1(seg, image: np.ndarray) -> None:
+    """The reference loop's encoder calls alone: one window per forward, then readout."""
+    x = segment.preprocess(image, seg.prep.short_side)[None].to(seg.device)
+    for y1, y2, x1, x2 in segment.window_boxes(*x.shape[2:], seg.prep.window, seg.prep.stride):
+        crop = x[:, :, y1:y2, x1:x2]
+        grid = (crop.shape[2] // seg.encoder.patch, crop.shape[3] // seg.encoder.patch)
+        patch_logits(seg.encoder(crop, seg.heads[0].last), seg.queries, grid)
+
+
+@torch.no_grad()
+def full_logits_path(seg, resized: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The evaluation loop before iter_class_maps: a fresh (Q, H, W) logit tensor, then
+    the full-size softmax post-processing."""
+    return reference_classes(seg.logits_many([resized], [size])[0][0], seg.post)
+
+
+def heavy_case(seg, name: str, n: int) -> None:
+    """(h) one benchmark: its constants and query→class map, random unit queries."""
+    section = load_section(name)
+    spec = spec_from_config(section)
+    _, owner = split_queries(spec.classes)
+    short = int(section["short_side"])
+    seg.prep = Preprocess(short, 224, 112)
+    seg.post = segment.PostProcess(torch.tensor(owner), spec.num_classes, spec.logit_scale,
+                                   spec.prob_thd, spec.area_thd)
+    gen = torch.Generator().manual_seed(0)
+    seg.queries = F.normalize(torch.randn(len(owner), seg.queries.shape[1], generator=gen),
+                              dim=-1).to(seg.device)
+    images = synthetic_images(n, seed=1, size=HEAVY_CASES[name])
+    resized = [segment.preprocess(im, short) for im in images]
+    sizes = [im.shape[:2] for im in images]
+    with torch.no_grad():  # warm-up on one window: kernels, and the scratch at full size
+        next(seg.iter_class_maps([resized[0][:, :224, :224]], sizes[:1]))
+        seg.encoder(resized[0][None, :, :224, :224].to(seg.device), seg.heads[0].last)
+    # Each path right after its encoder-only twin, image by image: a neighbour's load
+    # then slows both sides of a ratio alike.
+    preds, t_ours, t_enc, t_full = [], 0.0, 0.0, 0.0
+    for r, size in zip(resized, sizes):
+        (pred,), t = timed(lambda r=r, size=size: next(seg.iter_class_maps([r], [size])))
+        _, t_e = timed(encoder_only, seg, [r])
+        _, t_f = timed(full_logits_path, seg, r, size)
+        preds, t_ours, t_enc, t_full = preds + [pred], t_ours + t, t_enc + t_e, t_full + t_f
+    ref, t_ref = timed(reference_loop, seg, images[0], seg.heads[0])  # slow: one image
+    _, t_enc1 = timed(encoder_only_batch1, seg, images[0])
+    logits = seg.logits_many(resized, sizes)[0]
+    exact = all(torch.equal(p, seg.classes(lg)) for p, lg in zip(preds, logits))
+    assert exact, f"(h) {name}: iter_class_maps differs from classes(logits)"
+    same = check_same([(logits[0], preds[0], ref)], seg.post, f"(h) {name}")
+    h, w = resized[0].shape[1:]
+    print(f"(h) {name}: {n} images {w}×{h} -> {sizes[0][1]}×{sizes[0][0]}, "
+          f"{len(seg.prep.boxes(h, w))} windows, Q={len(owner)}, C={spec.num_classes}\n"
+          f"    ours      {t_ours / n:6.2f} s/image, encoder-only {t_enc / n:6.2f} s -> "
+          f"ratio {t_ours / t_enc:.3f}\n"
+          f"    full logits + full-size softmax (the loop before iter_class_maps) "
+          f"{t_full / n:6.2f} s/image -> ratio {t_full / t_enc:.3f}\n"
+          f"    batch-1   {t_ref:6.2f} s/image, encoder-only {t_enc1:6.2f} s -> "
+          f"ratio {t_ref / t_enc1:.3f} (first image)\n"
+          f"    ours vs batch-1 {t_ref / (t_ours / n):.2f}x; class maps = classes(logits) bit "
+          f"for bit; vs batch-1 {same}", flush=True)
+
+
+def heavy(args: argparse.Namespace, tmp: str) -> None:
+    """(h): the heavy benchmarks' post-processing share, one model for both cases."""
+    seg, _ = build_segmenter(
+        model={"arch": "ViT-B-16-quickgelu", "pretrained": weights_file(args, tmp)},
+        attention={"name": "csa", "temperature": 8.0}, projection=None,
+        preprocess={"short_side": 336, "window": 224, "stride": 112}, postprocess=None,
+        classes=["thing"], logit_scale=40, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, cache_dir=None)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.precision}; load {os.getloadavg()[0]:.2f}")
+    for name in HEAVY_CASES:
+        heavy_case(seg, name, args.heavy_images)
+    print(f"load {os.getloadavg()[0]:.2f} (1-min average, this run's own threads included)")
+
+
 def run(args: argparse.Namespace, tmp: str) -> None:
-    weights = args.pretrained
-    if weights == "none":  # one random-init checkpoint file, so every path loads the same
-        weights = str(Path(tmp) / "ViT-B-16-random.pt")
-        torch.save(open_clip.create_model("ViT-B-16-quickgelu").state_dict(), weights)
+    weights = weights_file(args, tmp)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{args.precision}")
 

@@ -79,6 +79,7 @@ def test_every_benchmark_end_to_end(name, tiny_inproc, tmp_path):
     assert 0.0 <= rec["metrics"]["mIoU"] <= 100.0
 
 
+@pytest.mark.e2e
 def test_variants_share_a_pass_and_match_single_runs(tiny, tmp_path):
     root = tmp_path / "data"
     write_benchmark(root, "context59", num_images=2, size=(64, 96))
@@ -98,6 +99,7 @@ def test_variants_share_a_pass_and_match_single_runs(tiny, tmp_path):
     assert shared["key"] == record_of(single)["key"]
 
 
+@pytest.mark.e2e
 def test_resume_skips_finished_variants(tiny, tmp_path):
     root = tmp_path / "data"
     write_benchmark(root, "voc20", num_images=1, size=(64, 64))
@@ -185,6 +187,7 @@ def test_broken_files_fail_cleanly(tiny_inproc, tmp_path, defect, message):
     assert not list(out.rglob("result.json"))
 
 
+@pytest.mark.e2e
 def test_predict_dataset_vocabulary_and_free_classes(tiny, tmp_path):
     img = (np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8)
     path = tmp_path / "photo.jpg"
@@ -210,6 +213,7 @@ def test_predict_dataset_vocabulary_and_free_classes(tiny, tmp_path):
     assert proc.returncode == 2 and "broken.jpg" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_learned_projection_trains_then_evaluates(tiny, tiny_inproc, tmp_path):
     root = tmp_path / "data"
     items = write_benchmark(root, "voc21", num_images=3, size=(64, 96))

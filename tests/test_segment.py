@@ -143,6 +143,92 @@ def test_area_thd_drops_small_classes():
     assert (pred[:, 9] == 2).all()
 
 
+def pre_fusion_predict(logits, pp_):
+    """The implementation before block-wise post-processing, verbatim: full-size softmax,
+    area threshold, first maximal query, probability threshold."""
+    query_class = pp_.query_class.to(logits.device)
+    probs = torch.softmax(logits.float() * pp_.logit_scale, dim=0)
+    if pp_.area_thd is not None:
+        pred = query_class[probs.argmax(0)]
+        areas = torch.bincount(pred.flatten(), minlength=pp_.num_classes)
+        small = areas <= pp_.area_thd * areas[1:].sum()
+        small[0] = False
+        probs = probs.masked_fill(small[query_class].view(-1, 1, 1), 0.0)
+    conf, best = probs.max(0)
+    pred = query_class[best]
+    if pp_.prob_thd > 0:
+        pred = pred.masked_fill(conf < pp_.prob_thd, 0)
+    return pred
+
+
+def tied_logits(q, h, w, seed, scale=0.1):
+    """Random logits with every kind of tie planted: exact copies of the top query (same
+    class and other classes), neighbours one ulp away, gaps that only the logit scale's
+    rounding closes, and constant regions."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(q, h, w, generator=gen) * scale
+    top = x.argmax(0)
+    other = torch.randint(0, q, (h, w), generator=gen)
+    val = x.gather(0, top[None])[0]
+    for make in (lambda v: v,                                      # exact tie
+                 lambda v: torch.nextafter(v, torch.tensor(-1.0)),  # one ulp below
+                 lambda v: torch.nextafter(v, torch.tensor(1.0)),   # one ulp above
+                 lambda v: v - 3e-9, lambda v: v - 1e-7):           # below fp32 / scale reach
+        m = torch.rand(h, w, generator=gen) < 0.1
+        ys, xs = m.nonzero(as_tuple=True)
+        x[other[m], ys, xs] = make(val[m])
+    x[:, : h // 5, : w // 5] = 0.25  # every query equal
+    return x
+
+
+@pytest.mark.parametrize("q,h,w,owner_seed", [(171, 61, 83, None), (150, 40, 97, None),
+                                               (12, 33, 50, 3), (40, 70, 45, 4)])
+@pytest.mark.parametrize("scale", [40.0, 65.0, 1.0])
+@pytest.mark.parametrize("chunk", [None, 2000])
+def test_predict_classes_equals_the_pre_fusion_implementation(q, h, w, owner_seed, scale,
+                                                              chunk, monkeypatch):
+    """Bit-identical class maps, ties included (lowest index wins), in one block or many."""
+    if chunk:
+        monkeypatch.setattr(segment, "CHUNK_ELEMENTS", chunk)
+    owner = list(range(q)) if owner_seed is None else sorted(
+        np.random.default_rng(owner_seed).integers(0, q // 3, q).tolist())
+    owner[0] = 0
+    C = max(owner) + 1
+    logits = tied_logits(q, h, w, seed=q + h)
+    for prob, area in [(0.0, None), (0.1, None), (0.0, 0.1), (0.1, 0.1), (0.3, 0.05)]:
+        p = pp(owner, C, scale=scale, prob=prob, area=area)
+        assert torch.equal(segment.predict_classes(logits, p), pre_fusion_predict(logits, p))
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0, 100.0])
+def test_first_max_query_is_the_softmax_argmax(scale):
+    """Without thresholds no softmax is computed, yet the first maximal probability's query
+    comes out, including where rounding makes distinct logits equally probable."""
+    x = tied_logits(64, 50, 70, seed=7, scale=0.5)
+    _, want = segment.softmax_best(x, scale)
+    assert torch.equal(segment.first_max_query(x, scale), want)
+    flat = x.flatten(1)
+    assert torch.equal(segment.first_max_query(flat, scale), want.flatten())
+
+
+def test_row_chunks_cover_every_row_once():
+    for q, h, w, budget in [(171, 480, 640, None), (3, 7, 5, 20), (2, 5, 100, 1)]:
+        chunks = segment.row_chunks(q, h, w, budget)
+        assert [r for c in chunks for r in range(h)[c]] == list(range(h))
+    assert len(segment.row_chunks(171, 480, 640)) > 1  # COCO-Stuff: never all at once
+
+
+def test_stitch_into_scratch_is_the_same_product():
+    torch.manual_seed(2)
+    boxes = reference_windows(250, 330, 224, 112)
+    windows = {b: torch.randn(6, (b[1] - b[0]) // 16, (b[3] - b[2]) // 16) for b in boxes}
+    scratch = torch.full((6 * 300 * 400 + 7,), float("nan"))
+    for size in [(250, 330), (300, 400), (120, 97)]:
+        fresh = segment.stitch_windows(windows, 250, 330, size)
+        into = segment.stitch_windows(windows, 250, 330, size, out=scratch)
+        assert torch.equal(into, fresh) and into.data_ptr() == scratch.data_ptr()
+
+
 def reference_pamr(img, mask, steps, dilations):
     """Transcription of PAMR with explicit 3×3 dilated kernels via conv2d (docs/protocol.md §7)."""
     def shifts(x, d, with_centre):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -177,6 +177,8 @@ class Segmenter:
     prep: Preprocess
     batch_size: int = 16
     trunk_cache: TrunkCache | None = None  # blocks 1…depth−1 on disk: speed only
+    # fp32 scratch for one image's stitched logits on CPU, reused (iter_class_maps)
+    scratch: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -225,11 +227,10 @@ class Segmenter:
         return groups
 
     @torch.no_grad()
-    def stitched(self, groups: Sequence[WindowGroup], shapes: Sequence[tuple[int, int]],
-                 sizes: Sequence[tuple[int, int]], head: Head) -> list[Tensor]:
-        """Per image, ``(Q, H, W)`` window logits under ``head``'s last block, stitched over
-        the resized ``shapes`` and resized to the original ``sizes``."""
-        windows: list[dict] = [{} for _ in shapes]
+    def window_logits(self, groups: Sequence[WindowGroup], num_images: int, head: Head
+                      ) -> list[dict[tuple[int, int, int, int], Tensor]]:
+        """Per image, box -> ``(Q, gh, gw)`` patch-grid logits under ``head``'s last block."""
+        windows: list[dict] = [{} for _ in range(num_images)]
         for g in groups:
             for start in range(0, len(g.owners), self.batch_size):
                 chunk = g.owners[start:start + self.batch_size]
@@ -237,8 +238,15 @@ class Segmenter:
                 logits = self.encoder.logits(trunk, head.last, self.queries)
                 for (i, box), logit in zip(chunk, logits):
                     windows[i][box] = logit
-        return [segment.stitch_windows(w, h, wd, tuple(size))
-                for w, (h, wd), size in zip(windows, shapes, sizes)]
+        return windows
+
+    @torch.no_grad()
+    def stitched(self, groups: Sequence[WindowGroup], shapes: Sequence[tuple[int, int]],
+                 sizes: Sequence[tuple[int, int]], head: Head) -> list[Tensor]:
+        """Per image, ``(Q, H, W)`` window logits under ``head``'s last block, stitched over
+        the resized ``shapes`` and resized to the original ``sizes``."""
+        return [segment.stitch_windows(w, h, wd, tuple(size)) for w, (h, wd), size
+                in zip(self.window_logits(groups, len(shapes), head), shapes, sizes)]
 
     def refined(self, logits: Tensor, resized: Tensor, refine: Refine | None) -> Tensor:
         """``(Q, H, W)`` logits at the original size, PAMR-refined if ``refine`` is on."""
@@ -258,6 +266,36 @@ class Segmenter:
         for head in heads:
             yield [self.refined(lg, r, head.refine)
                    for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
+
+    @torch.no_grad()
+    def iter_class_maps(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
+                        heads: Sequence[Head] | None = None) -> Iterator[list[Tensor]]:
+        """Per head, ``[image] -> (H, W)`` int64 class maps: ``classes`` of ``iter_heads``'
+        logits, bit for bit, for the evaluation loop. One image's ``(Q, H, W)`` logits are
+        alive at a time, stitched (on CPU) into a scratch reused across images and calls,
+        and reduced block by block without a second full-size tensor."""
+        heads = self.heads if heads is None else heads
+        groups = self.encode(resized, self.early_layers(heads), self.hidden_layers(heads))
+        for head in heads:
+            maps = []
+            for windows, r, size in zip(self.window_logits(groups, len(resized), head),
+                                        resized, sizes):
+                height, width = r.shape[1:]
+                numel = next(iter(windows.values())).shape[0] * size[0] * size[1]
+                logits = segment.stitch_windows(windows, height, width, tuple(size),
+                                                self._scratch(numel))
+                maps.append(self.classes(self.refined(logits, r, head.refine)))
+            yield maps
+
+    def _scratch(self, numel: int) -> Tensor | None:
+        """A flat fp32 buffer of ≥ ``numel`` elements on CPU (None elsewhere: the CUDA
+        caching allocator already reuses memory)."""
+        if self.device.type != "cpu":
+            return None
+        if self.scratch is None or self.scratch.numel() < numel:
+            self.scratch = None  # free the old one before allocating the larger
+            self.scratch = torch.empty(numel)
+        return self.scratch
 
     def classes(self, logits: Tensor) -> Tensor:
         """``(Q, H, W)`` logits -> ``(H, W)`` int64 class map: logit scale, synonym max,

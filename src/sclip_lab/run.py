@@ -41,7 +41,7 @@ from sclip_lab.errors import ConfigError, UserError, check_writable_dir, integer
 from sclip_lab.files import atomic_target
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
-from sclip_lab.pipeline import Preprocess, Segmenter
+from sclip_lab.pipeline import Preprocess, Segmenter, check_head
 from sclip_lab.records import (
     METRICS,
     build_record,
@@ -108,6 +108,7 @@ def preflight(cfg: DictConfig) -> None:
     check_dtype(cfg.get("trunk_cache_dtype", "fp32"))
     if cfg.get("trunk_cache"):
         check_writable_dir(cfg.trunk_cache, "trunk_cache")
+    check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"))
     for key in ("pretrained", "config_file"):  # a file that is not there fails now, not later
         value = str(cfg.model.get(key) or "")
         path = Path(value).expanduser()
@@ -147,11 +148,11 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar:
         for items in worker_errors_unwrapped(loader):
             labels = [torch.from_numpy(it["label"]).to(segmenter.device) for it in items]
-            per_head = segmenter.iter_heads([it["input"] for it in items],
-                                            [tuple(lb.shape) for lb in labels])
-            for job, head_logits in zip(jobs, per_head):
-                for it, label, logits in zip(items, labels, head_logits):
-                    pred = segmenter.classes(logits)
+            # class maps straight from the stitching: no logits kept (docs/protocol.md §5.12)
+            per_head = segmenter.iter_class_maps([it["input"] for it in items],
+                                                 [tuple(lb.shape) for lb in labels])
+            for job, preds in zip(jobs, per_head):
+                for it, label, pred in zip(items, labels, preds):
                     job.metric.update(pred, label)
                     if len(job.overlays) < keep:
                         job.overlays.append((it["id"], it["image"], pred.cpu().numpy()))

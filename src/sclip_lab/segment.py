@@ -91,8 +91,8 @@ def interpolation_matrix(size_in: int, size_out: int, device=None) -> torch.Tens
 
 
 def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
-                   height: int, width: int, size: tuple[int, int] | None = None
-                   ) -> torch.Tensor:
+                   height: int, width: int, size: tuple[int, int] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Upsample every window's patch-grid logits to its box, average where they overlap,
     and optionally resize the result to the original image ``size``.
 
@@ -101,6 +101,9 @@ def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
             boxes must be the full grid of ``window_boxes`` (every row range × column range).
         height, width: the stitched (resized image) size.
         size: ``(H, W)`` to bilinearly resize to (docs/protocol.md §5.7), or None.
+        out: optional flat fp32 scratch of at least ``Q·H·W`` elements, reused between
+            images: a fresh 200 MB tensor costs its page faults every time. The result is
+            then a view of it, valid until the scratch is written again.
 
     Returns:
         ``(Q, H, W)`` fp32, equal to bilinear(Σ_w pad(bilinear(L_w, box)) / coverage, size)
@@ -136,7 +139,11 @@ def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
     if size is not None and tuple(size) != (height, width):
         left = interpolation_matrix(height, size[0], device) @ left
         right = interpolation_matrix(width, size[1], device) @ right
-    return left @ tiles @ right.T
+    if out is None:
+        return left @ tiles @ right.T
+    view = out[:tiles.shape[0] * left.shape[0] * right.shape[0]].view(
+        tiles.shape[0], left.shape[0], right.shape[0])
+    return torch.matmul(left @ tiles, right.T, out=view)  # the same product, bit for bit
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -186,27 +193,107 @@ def class_probabilities(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
     return synonym_max(probs, pp.query_class, pp.num_classes)
 
 
+# Post-processing runs over blocks of about this many logits (Q·rows·W): the temporaries
+# stay in cache and no second full-size (Q, H, W) tensor is ever allocated.
+CHUNK_ELEMENTS = 1 << 22
+# Queries this far below a pixel's top logit (in units of the scaled logit, plus a
+# relative term) can never share its probability: exp(-1e-4) is ~1e3 ulp below 1, far
+# beyond the rounding of the scale, exp, sum and division (see first_max_query).
+NEAR_ABS, NEAR_REL = 1e-4, 1e-5
+
+
+def row_chunks(num_queries: int, height: int, width: int, budget: int | None = None
+               ) -> list[slice]:
+    """Row ranges of an ``(Q, H, W)`` map, each about ``budget`` (default
+    ``CHUNK_ELEMENTS``) elements and at least one row."""
+    step = max(1, (budget or CHUNK_ELEMENTS) // max(num_queries * width, 1))
+    return [slice(r, min(r + step, height)) for r in range(0, height, step)]
+
+
+def softmax_best(logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, *S)`` -> (max probability, first maximal query) ``(*S)`` each: the reference
+    computation, softmax over queries of ``logits × scale`` in fp32."""
+    return torch.softmax(logits.float() * scale, dim=0).max(0)
+
+
+def first_max_query(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(Q, *S)`` logits -> ``(*S)`` int64: the first query of maximal softmax(scale·logits),
+    without the softmax. Exactly ``softmax_best(logits, scale)[1]``.
+
+    Why exact: a query more than ``NEAR_ABS / scale + NEAR_REL·|top|`` below a pixel's top
+    logit has a scaled gap > 1e-4 after rounding, so its exp(x − max) ≤ 0.9999, and after
+    the sum and the division its probability stays strictly below the top one's. Only
+    pixels where another query lies within that band can tie in probability space (the
+    softmax rounds near-equal logits to equal probabilities, and ties go to the lowest
+    index); those few get the reference computation, the rest the top logit's index.
+    The unambiguous pixels depend on no block size, thread count or BLAS.
+    """
+    x = logits.float()
+    top, best = x.max(0)
+    band = NEAR_ABS / scale + NEAR_REL * top.abs()
+    count = torch.int16 if len(x) < 2**15 else torch.int32  # int16 halves the traffic
+    ambiguous = (x >= top - band).sum(0, dtype=count) > 1
+    if bool(ambiguous.any()):
+        where = ambiguous.nonzero(as_tuple=True)
+        best[where] = _padded_softmax_best(x[(slice(None), *where)], scale)
+    return best
+
+
+def _padded_softmax_best(columns: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax_best(columns (Q, n), scale)[1]``, with the columns padded to a multiple of
+    16 per CPU thread: the softmax kernel then takes its vectorised path on every column,
+    as it does on a full-size map (its scalar tail may round exp differently)."""
+    n = columns.shape[1]
+    lanes = 16 * torch.get_num_threads()
+    pad = -n % lanes
+    if pad:
+        columns = torch.cat([columns, columns[:, :1].expand(-1, pad)], dim=1)
+    return softmax_best(columns, scale)[1][:n]
+
+
 def predict_classes(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
     """``(Q, H, W)`` stitched logits at the original size -> ``(H, W)`` int64 class map.
 
     Same result as thresholding and taking the argmax of ``class_probabilities``, without
     building the ``(C, H, W)`` map: queries are ordered by class, so the class of the
     first maximal query is the lowest maximal class (ties -> lowest index), its value the
-    class's probability, and zeroing a class means zeroing its queries.
+    class's probability, and zeroing a class means zeroing its queries. Runs over row
+    blocks (``row_chunks``); without thresholds no probability is computed at all
+    (``first_max_query``).
     """
     query_class = pp.query_class.to(logits.device)
     if len(query_class) > 1 and bool((query_class[1:] < query_class[:-1]).any()):
         raise ValueError("text queries must be ordered by class")
-    probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
+    chunks = row_chunks(*logits.shape)
+    if pp.prob_thd > 0 or pp.area_thd is not None or not pp.logit_scale > 0:
+        return _thresholded(logits, pp, query_class, chunks)
+    pred = torch.empty(logits.shape[1:], dtype=torch.long, device=logits.device)
+    for rows in chunks:
+        pred[rows] = query_class[first_max_query(logits[:, rows], pp.logit_scale)]
+    return pred
+
+
+def _thresholded(logits: torch.Tensor, pp: PostProcess, query_class: torch.Tensor,
+                 chunks: Sequence[slice]) -> torch.Tensor:
+    """``predict_classes`` with probabilities (docs/protocol.md §5.10–12), block by block:
+    the area threshold needs the whole image's argmax histogram first, then redoes only
+    the blocks that hold a dropped class (elsewhere masking changes neither the first
+    maximal query nor its probability)."""
+    conf = torch.empty(logits.shape[1:], device=logits.device)
+    best = torch.empty(logits.shape[1:], dtype=torch.long, device=logits.device)
+    for rows in chunks:
+        conf[rows], best[rows] = softmax_best(logits[:, rows], pp.logit_scale)
+    pred = query_class[best]
     if pp.area_thd is not None:
-        pred = query_class[probs.argmax(0)]
         areas = torch.bincount(pred.flatten(), minlength=pp.num_classes)
         small = areas <= pp.area_thd * areas[1:].sum()
         small[0] = False
-        probs = probs.masked_fill(small[query_class].view(-1, 1, 1), 0.0)
-    # torch.max returns the first maximal index on ties.
-    conf, best = probs.max(0)
-    pred = query_class[best]
+        dropped = small[query_class].view(-1, 1, 1)
+        for rows in chunks:
+            if bool(small[pred[rows]].any()):
+                probs = torch.softmax(logits[:, rows].float() * pp.logit_scale, dim=0)
+                conf[rows], best[rows] = probs.masked_fill_(dropped, 0.0).max(0)
+        pred = query_class[best]
     if pp.prob_thd > 0:
         pred = pred.masked_fill(conf < pp.prob_thd, 0)
     return pred
