@@ -7,10 +7,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 @contextmanager
@@ -40,6 +42,20 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk: int =
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def state_digest(state: Mapping[str, torch.Tensor], skip: Callable[[str], bool] = lambda _: False
+                 ) -> str:
+    """blake2b of a state dict's names and raw tensor bytes in name order (a weights
+    identity where there is no file or hub tag); names for which ``skip`` is true are
+    left out. Text-embedding cache keys are made of it: keep it byte for byte."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(state.items()):
+        if skip(name):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

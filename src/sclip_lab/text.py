@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sclip_lab.errors import ConfigError
-from sclip_lab.files import atomic_target
+from sclip_lab.files import atomic_target, state_digest
 from sclip_lab.text_tower import causal_clip_text, encode_prompts
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,8 @@ def get_templates(name: str) -> tuple[Callable[[str], str], ...]:
 
 def tower_fingerprint(model: nn.Module) -> str:
     """Hash of every text-side tensor (weights identity for the cache key)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith("visual.") or name == "logit_scale":
-            continue
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(model.state_dict(),
+                        skip=lambda name: name.startswith("visual.") or name == "logit_scale")
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError
-from sclip_lab.files import atomic_target, write_json_atomic
+from sclip_lab.files import atomic_target, state_digest, write_json_atomic
 from sclip_lab.model import TrunkOutput
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,6 @@ def digest(tensor: Tensor, size: int = 16) -> str:
     return h.hexdigest()
 
 
-def tower_fingerprint(visual: nn.Module) -> str:
-    """Hash of every visual tensor (weights without a file or hub tag: random init)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(visual.state_dict().items()):
-        h.update(name.encode() + digest(tensor).encode())
-    return h.hexdigest()
-
-
 def model_parts(info: Mapping[str, Any], visual: nn.Module, prep: Mapping[str, Any],
                 dtype: torch.dtype) -> dict[str, Any]:
     """Everything the stored values depend on except the image itself (``dtype``: what
@@ -98,7 +90,7 @@ def model_parts(info: Mapping[str, Any], visual: nn.Module, prep: Mapping[str, A
     elif str(info.get("pretrained") or "none") not in ("", "none"):
         weights = f"tag:{info['pretrained']}"
     else:
-        weights = f"tensors:{tower_fingerprint(visual)}"
+        weights = f"tensors:{state_digest(visual.state_dict())}"
     return {"format": FORMAT, "arch": info["arch"], "weights": weights,
             # the tower's structure (activation, widths) beyond what the arch name says
             "tower": hashlib.blake2b(repr(visual).encode(), digest_size=8).hexdigest(),
