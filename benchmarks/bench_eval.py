@@ -3,6 +3,7 @@
     python benchmarks/bench_eval.py [--images 4] [--variants 20] [--device cpu] [--precision fp32]
     python benchmarks/bench_eval.py --text-only     # (t) alone
     python benchmarks/bench_eval.py --heavy [--heavy-images 2]   # (h) alone
+    python benchmarks/bench_eval.py --proxy [--proxies dino_vitb8,...] # (p) alone
 
 (a) per-image time of our path (windows batched, trunk shared, DataLoader-free here)
     vs a straightforward reference-style loop (one window at a time, batch 1, full-size
@@ -23,6 +24,9 @@
     block, readout; no stitching or post-processing) and their ratio; the same for the
     per-window batch-1 reference loop; class maps asserted equal to ``classes`` of the
     full logits (bit for bit) and to the reference loop (but for float ties).
+(p) with --proxy: each proxy backbone's cost per window (ProxyCLIP, ``attention=proxy``)
+    beside CLIP ViT-B/16's whole encoder (trunk, last block, readout) on the same windows,
+    at 224 and 336 pixels (SCLIP's and ProxyCLIP's windows); random weights.
 
 Weights are a random-init ViT-B/16 (QuickGELU) unless --pretrained names a file or tag;
 speed does not depend on the weights. Images are synthetic VOC-sized (375×500) scenes.
@@ -175,6 +179,9 @@ def main() -> None:
     ap.add_argument("--heavy", action="store_true",
                     help="only (h): COCO-Stuff- and ADE20K-sized cases")
     ap.add_argument("--heavy-images", type=int, default=2, help="(h) images per case")
+    ap.add_argument("--proxy", action="store_true", help="only (p): proxy backbones' cost")
+    ap.add_argument("--proxies", default="dino_vitb8,dino_vitb16,dinov2_vitb14_reg,mae_vitb16,"
+                    "sam_vitb", help="(p) which proxies")
     ap.add_argument("--text-baseline", default="cityscapes",
                     help="(t) vocabulary for the old-loop comparison; 'none' skips it")
     args = ap.parse_args()
@@ -184,6 +191,8 @@ def main() -> None:
             text_side(args, tmp)
         elif args.heavy:
             heavy(args, tmp)
+        elif args.proxy:
+            proxy_cost(args, tmp)
         else:
             run(args, tmp)
 
@@ -422,6 +431,42 @@ def run(args: argparse.Namespace, tmp: str) -> None:
                          for lg, ref_pred in zip(low_logits, ours)])
         print(f"(e) bf16: {t_low / n:.3f} s per image vs fp32 {t_ours / n:.3f} s -> "
               f"{t_ours / t_low:.2f}x; {agree:.2%} of predicted pixels unchanged")
+
+
+
+@torch.no_grad()
+def proxy_cost(args: argparse.Namespace, tmp: str) -> None:
+    """(p): seconds per window of each proxy backbone vs CLIP's encoder, batches of 4."""
+    import timm
+
+    from sclip_lab.proxy import FAMILIES, ProxyBackbone, ProxySpec
+
+    seg, _ = build_segmenter(
+        model={"arch": "ViT-B-16-quickgelu", "pretrained": weights_file(args, tmp)},
+        attention={"name": "csa"}, projection=None,
+        preprocess={"short_side": 336, "window": 224, "stride": 112}, postprocess=None,
+        classes=VOC_CLASSES, logit_scale=65, device=args.device, precision=args.precision,
+        cache_dir=None)
+    enc, head, dev = seg.encoder, seg.heads[0], seg.device
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
+          f"{args.precision}; seconds per window (batches of 4, best of 2)")
+    print(f"  {'backbone':<60}{'224 px':>9}{'336 px':>9}   grid at 336")
+    rows = [("CLIP ViT-B/16 (encoder)", lambda x: enc(x, head.last), "21×21")]
+    for name in args.proxies.split(","):
+        fam = FAMILIES[name]
+        spec = ProxySpec(name, fam.arch, "timm", None, fam.patch, input_size=fam.input_size)
+        model = timm.create_model(fam.arch, pretrained=False, num_classes=0)
+        backbone = ProxyBackbone(spec, model.eval().to(dev, enc.dtype), {})
+        g = spec.grid(336, 336)
+        rows.append((f"{name} ({fam.arch})", backbone, f"{g[0]}×{g[1]}"))
+    for label, fn, grid in rows:
+        cells = []
+        for size in (224, 336):
+            x = torch.randn(4, 3, size, size, device=dev)
+            fn(x[:1])
+            _, t = timed(fn, x, repeat=2)
+            cells.append(t / 4)
+        print(f"  {label:<60}{cells[0]:>8.3f}s{cells[1]:>8.3f}s   {grid}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@
 #
 # Relaunching the same command resumes: variants with a finished result.json (same result
 # key) under the sweep directory are skipped. Then: python analysis/make_tables.py
+# On SLURM the launcher prints the array job id and its log folder (<sweep dir>/.submitit):
+# squeue -j <id> follows it, scancel <id> stops it; a job that hits its time limit is
+# requeued and skips what it had finished (README: "Running on SLURM").
 set -euo pipefail
 table=${1:?usage: sweeps/run_table.sh table1|table2|table3|table4 [basic|local|slurm] [overrides...]}
 launcher=${2:-basic}

@@ -129,7 +129,22 @@ CASES = [
      "attention.alpha=0 is out of range"),
     ("residual-type", RUN, ["attention.residual=perhaps"], 2, "is not true/false"),
     ("protocol-unknown", RUN, ["protocol=nope"], 2, "available options in 'protocol': "
-     "clearclip, naclip, resclip, scclip, sclip"),
+     "clearclip, naclip, proxyclip, resclip, scclip, sclip"),
+    # ProxyCLIP: its proxy backbone and knobs.
+    ("proxy-missing", RUN, ["attention=proxy"], 2, "attention=proxy needs a proxy backbone"),
+    ("proxy-unknown", RUN, ["proxy=nope"], 2, "available options in 'proxy'"),
+    ("proxy-no-weights", RUN, ["attention=proxy", "proxy=dino_vitb8"], 2,
+     "proxy=dino_vitb8 needs weights: add proxy.pretrained="),
+    ("proxy-file-missing", RUN, ["attention=proxy", "proxy=dino_vitb8",
+                                 "proxy.pretrained={root}/none.pth"], 2, "does not exist"),
+    ("proxy-file-corrupt", RUN, ["attention=proxy", "proxy=dino_vitb8",
+                                 "proxy.pretrained={junk}"], 2, "not a readable checkpoint"),
+    ("proxy-gamma-zero", RUN, ["attention=proxy", "proxy=clip_self", "proxy.layer=2",
+                               "attention.gamma=0"], 2, "attention.gamma=0 is out of range"),
+    ("proxy-beta-inf", RUN, ["attention=proxy", "proxy=clip_self", "proxy.layer=2",
+                             "attention.beta=inf"], 2, "attention.beta=inf is not a finite"),
+    ("proxy-layer-deep", RUN, ["attention=proxy", "proxy=clip_self", "proxy.layer=4"], 2,
+     "proxy.layer=4 is impossible for proxy=clip_self"),
     ("pamr-steps", RUN, ["postprocess=pamr", "postprocess.steps=abc"], 2, "postprocess.steps"),
     # Paths: files where folders belong, missing data and weights.
     ("cache-dir-is-file", RUN, ["cache_dir={file}"], 2, "cache_dir {file} is a file"),

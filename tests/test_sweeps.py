@@ -21,7 +21,7 @@ TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
                                                  ("table3", 3, 12), ("table4", 15, 0),
                                                  ("clearclip_grid", 5, 20),
                                                  ("naclip_grid", 8, 10),
-                                                 ("methods", 8, 15)])
+                                                 ("methods", 8, 16)])
 def test_sweep_definitions_compose(table, jobs, variants):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=[f"+sweep={table}"], return_hydra_config=True)
@@ -206,8 +206,10 @@ def test_method_grids_run_as_sweeps_and_render_as_tables(tiny, tmp_path, grid, d
 @pytest.mark.e2e
 def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_factory):
     """Every method of the leaderboard on one benchmark, one shared trunk pass, on a
-    12-block tiny ViT (deep enough for every method's default blocks)."""
+    12-block tiny ViT (deep enough for every method's default blocks); ProxyCLIP with a
+    random-init DINO ViT-B/8 file."""
     import open_clip
+    import timm
     import torch
     from conftest import TINY_CONFIG, openai_state_dict
 
@@ -219,19 +221,21 @@ def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_fa
     torch.manual_seed(0)
     ckpt = path.with_suffix(".pt")
     torch.save(openai_state_dict(open_clip.create_model("sclip-deep-tiny")), ckpt)
+    dino = path.with_name("dino_vitbase8_pretrain.pth")
+    torch.save(timm.create_model("vit_base_patch8_224.dino", num_classes=0).state_dict(), dino)
     data = tmp_path / "data"
     write_benchmark(data, "voc20", num_images=1, size=(48, 64))
     sweeps = tmp_path / "sweeps"
     proc = cli("run", "-m", "+sweep=methods", "model.arch=sclip-deep-tiny",
-               f"model.config_file={path}", f"model.pretrained={ckpt}",
+               f"model.config_file={path}", f"model.pretrained={ckpt}", f"proxy.pretrained={dino}",
                f"cache_dir={tmp_path / 'cache'}", "num_workers=0", f"data_root={data}",
                "logger=none", "hydra.sweeper.params.dataset=voc20",
                env={"SCLIP_SWEEPS": str(sweeps)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = list(_records(sweeps).values())
-    assert len(recs) == 15
+    assert len(recs) == 16
     assert {r["summary"]["attention"] for r in recs} >= {"surgery", "gem", "resclip",
-                                                         "segearth_block", "scclip"}
+                                                         "segearth_block", "scclip", "proxy"}
     out = tmp_path / "tables"
     proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
                            "--out", str(out), "--tables", "methods"], cwd=CONF_DIR.parent,
@@ -242,3 +246,5 @@ def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_fa
     csv = pd.read_csv(out / "methods.csv", index_col=0)
     assert csv["voc20_mean"].notna().all() and csv["ade20k_mean"].isna().all()
     assert csv.loc["NACLIP", "voc20_paper"] == pytest.approx(79.7, rel=0.0, abs=1e-9)
+    assert csv.loc["ProxyCLIP (DINO ViT-B/8)", "voc20_paper"] == pytest.approx(80.3, rel=0.0,
+                                                                            abs=1e-9)

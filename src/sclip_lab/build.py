@@ -19,14 +19,13 @@ from torch import Tensor
 from sclip_lab import data
 from sclip_lab.config import variant_overrides
 from sclip_lab.errors import ConfigError, number
-from sclip_lab.model import DenseEncoder
 from sclip_lab.pipeline import Head, Preprocess, Segmenter, build_head, build_segmenter
 from sclip_lab.trunk_cache import open_cache
 
 log = logging.getLogger("sclip_lab")
 
 # What a variant may change: everything after the shared trunk.
-VARIANT_KEYS = ("attention", "projection", "postprocess")
+VARIANT_KEYS = ("attention", "projection", "postprocess", "proxy")
 SHARED_KEYS = ("model", "dataset", "preprocess", "text", "precision", "limit", "data_root")
 
 
@@ -41,8 +40,9 @@ def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compo
 
     Each entry (default: ``cfg.variants``) is a string of overrides, ``"attention=local
     kernel=5"`` (or ``"local kernel=5"``), composed on top of this job's overrides; variants
-    may change only attention, projection, their knobs and post-processing (what comes
-    after the shared trunk). ``compose(overrides) -> config`` defaults to Hydra's.
+    may change only attention, projection, their knobs, the proxy backbone and
+    post-processing (what comes after the shared trunk). ``compose(overrides) -> config``
+    defaults to Hydra's.
     """
     entries = cfg.get("variants") if entries is None else entries
     if not entries:
@@ -102,7 +102,8 @@ def segmenter_from_config(cfg: DictConfig, classes: Sequence[str], logit_scale: 
         preprocess=prep or cfg.preprocess, postprocess=cfg.get("postprocess"),
         classes=list(classes), logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
         templates=cfg.text.templates, device=cfg.device, precision=cfg.precision,
-        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, learned=learned_of(cfg))
+        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, learned=learned_of(cfg),
+        proxy=cfg.get("proxy"))
     if cfg.get("trunk_cache"):
         segmenter.trunk_cache = open_cache(cfg.trunk_cache, cfg.get("trunk_cache_dtype", "fp32"),
                                            segmenter.encoder, info, asdict(segmenter.prep))
@@ -118,7 +119,10 @@ def learned_of(cfg: DictConfig) -> tuple[Tensor, Tensor | None] | None:
     return learned_projection(cfg)
 
 
-def head_from_config(cfg: DictConfig, encoder: DenseEncoder) -> Head:
-    """A variant's validated head (last block + refinement) for ``encoder``."""
-    return build_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"), encoder,
-                      learned_of(cfg))
+def head_from_config(cfg: DictConfig, segmenter: Segmenter) -> Head:
+    """A variant's validated head (last block + refinement) for ``segmenter``'s encoder,
+    its proxy backbone loaded into the segmenter (shared with heads of the same proxy)."""
+    head = build_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"),
+                      segmenter.encoder, learned_of(cfg), cfg.get("proxy"))
+    segmenter.add_proxy(head, cfg.get("proxy"))
+    return head

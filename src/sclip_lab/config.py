@@ -67,12 +67,17 @@ def _differs(value: Any, default: Any) -> bool:
 
 def variant_label(config: Mapping[str, Any]) -> str:
     """A variant named fully by what sets it apart: the attention, then its projection,
-    knobs that differ from their defaults, post-processing and a non-default protocol —
-    ``csa random n=16``, ``local kernel=5``, ``naclip pamr protocol=naclip``."""
+    knobs that differ from their defaults, its proxy backbone, post-processing and a
+    non-default protocol — ``csa random n=16``, ``local kernel=5``, ``naclip pamr
+    protocol=naclip``, ``proxy dino_vitb8 protocol=proxyclip``."""
     att = dict(config["attention"])
     parts = [str(att["name"])]
     variant = ATTENTIONS.get(att["name"])
     if variant is not None:
+        if variant.proxy:  # the backbone that gives the attention: dino_vitb8, clip_self
+            proxy = config.get("proxy") or {}
+            parts.append(str(proxy.get("name", "none")))
+            parts += [f"layer={proxy['layer']}"] if proxy.get("layer") is not None else []
         proj = config.get("projection")
         if variant.projection and proj and proj.get("name") != DEFAULT_PROJECTION:
             parts.append(str(proj["name"]))
@@ -101,7 +106,7 @@ def label_dir(label: str) -> str:
 def _variant_dir(*, _root_: DictConfig) -> str:
     """``${variant_dir:}``: the composed config's variant as a folder name."""
     sections = {k: OmegaConf.to_container(_root_[k], resolve=True) if _root_.get(k) else None
-                for k in ("attention", "projection", "postprocess", "protocol")}
+                for k in ("attention", "projection", "postprocess", "protocol", "proxy")}
     return label_dir(variant_label(sections))
 
 

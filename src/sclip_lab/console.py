@@ -51,6 +51,16 @@ def weights_text(info: Mapping[str, Any]) -> str:
     return f"hub tag {pretrained}"
 
 
+def proxy_text(identity: Mapping[str, Any]) -> str:
+    """``dino_vitb8 (vit_base_patch8_224.dino)  weights sha256 1a2b3c4d5e6f`` or
+    ``clip_self: CLIP's stream after block 9``."""
+    if identity.get("arch") is None:
+        return f"{identity['proxy']}: CLIP's stream after block {identity['layer']}"
+    weights = str(identity.get("weights"))
+    text = f"sha256 {weights[:12]}" if len(weights) == 64 else f"hub tag {weights}"
+    return f"{identity['proxy']} ({identity['arch']})  weights {text}"
+
+
 def banner(rows: Sequence[tuple[str, str]]) -> str:
     """Aligned ``name  value`` lines under a title line."""
     width = max(len(name) for name, _ in rows)

@@ -182,6 +182,8 @@ class Variant:
             (B, h·w, Q)`` patch logits, instead of the patches' cosine (logit hooks).
         maps: for ``tokens`` variants, ``(inputs, **knobs) -> (B, heads, N, N)``: the last
             block's attention on their path, for figures.
+        proxy: reads a proxy backbone's features (``AttentionInputs.proxy``, the ``proxy``
+            group); its tokens, and so its logits, lie on the proxy's grid.
     """
 
     name: str
@@ -198,6 +200,7 @@ class Variant:
     output: str = "attention"
     readout: Callable[..., Tensor] | None = None
     maps: Callable[..., Tensor] | None = None
+    proxy: bool = False
 
     def attention_map(self, inputs: Any, params: Mapping[str, Any]) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention under this variant."""

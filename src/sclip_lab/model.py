@@ -177,8 +177,7 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
 
 def clip_from_section(model: Mapping[str, Any], precision: str = "auto", device: str = "auto"
                       ) -> tuple[nn.Module, dict]:
-    """``load_clip`` for a ``model`` config section (arch, pretrained, quick_gelu,
-    config_file)."""
+    """``load_clip`` for a ``model`` section (arch, pretrained, quick_gelu, config_file)."""
     return load_clip(model["arch"], str(model["pretrained"]), precision, device,
                      model.get("quick_gelu"), model.get("config_file"))
 
@@ -231,6 +230,7 @@ class TrunkOutput:
         early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention map of that block.
         hidden: layer l -> ``(B, N, D)`` stream after block l (0: after ln_pre).
         images: ``(B, 3, H, W)`` the normalised windows themselves (crop-level refinement).
+        proxy: proxy spec -> ``(B, C, Hv, Wv)`` that proxy backbone's window features.
     """
 
     x: Tensor
@@ -238,23 +238,26 @@ class TrunkOutput:
     early: dict[int, Tensor] = field(default_factory=dict)
     hidden: dict[int, Tensor] = field(default_factory=dict)
     images: Tensor | None = None
+    proxy: dict[Any, Tensor] = field(default_factory=dict)
 
     def select(self, start: int, stop: int) -> TrunkOutput:
         """Windows ``start:stop`` of the batch."""
-        return TrunkOutput(self.x[start:stop], self.grid,
-                           {k: v[start:stop] for k, v in self.early.items()},
-                           {k: v[start:stop] for k, v in self.hidden.items()},
-                           None if self.images is None else self.images[start:stop])
+        def rows(d: dict) -> dict:
+            return {k: v[start:stop] for k, v in d.items()}
+        return TrunkOutput(self.x[start:stop], self.grid, rows(self.early), rows(self.hidden),
+                           None if self.images is None else self.images[start:stop],
+                           rows(self.proxy))
 
     @staticmethod
     def cat(parts: Sequence[TrunkOutput]) -> TrunkOutput:
         """Window batches of the same grid, concatenated."""
+        def join(name: str) -> dict:
+            return {k: torch.cat([getattr(p, name)[k] for p in parts])
+                    for k in getattr(parts[0], name)}
         images = None if any(p.images is None for p in parts) else torch.cat(
             [p.images for p in parts])
-        return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid,
-                           {k: torch.cat([p.early[k] for p in parts]) for k in parts[0].early},
-                           {k: torch.cat([p.hidden[k] for p in parts]) for k in parts[0].hidden},
-                           images)
+        return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid, join("early"),
+                           join("hidden"), images, join("proxy"))
 
 
 @dataclass(frozen=True)
@@ -269,6 +272,7 @@ class LastBlock:
     residual: bool | None = None  # None: the variant's own
     ffn: bool | None = None
     alpha: float = 1.0
+    proxy: Any = None  # the proxy spec whose features it reads (TrunkOutput.proxy key)
 
     @property
     def keeps_residual(self) -> bool:
@@ -351,7 +355,7 @@ class DenseEncoder(nn.Module):
                        "alpha": last.alpha}
         return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
                                self.visual.transformer.resblocks, block_knobs, queries,
-                               trunk.images, self.features)
+                               trunk.images, self.features, trunk.proxy.get(last.proxy))
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
@@ -371,14 +375,15 @@ class DenseEncoder(nn.Module):
         return around(block, x, out, last.keeps_residual, last.keeps_ffn, last.alpha)
 
     def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor) -> Tensor:
-        """``(B, Q, h, w)`` patch logits: the cosine with ``queries`` ``(Q, E)``, or the
-        variant's own readout of every token's features (CLS included)."""
+        """``(B, Q, h, w)`` patch logits (a proxy variant's on its proxy's grid): the cosine
+        with ``queries`` ``(Q, E)``, or the variant's own readout of every token (CLS too)."""
         feats = self.features(self.last_block(trunk, last, queries))
+        grid = trunk.proxy[last.proxy].shape[-2:] if last.variant.proxy else trunk.grid
         if last.variant.readout is None:
-            return patch_logits(feats[:, 1:], queries, trunk.grid)
+            return patch_logits(feats[:, 1:], queries, grid)
         scores = call_with(last.variant.readout, feats, queries.float(),
                            knobs=last.params)  # (B, h·w, Q)
-        return scores.transpose(1, 2).reshape(scores.shape[0], -1, *trunk.grid)
+        return scores.transpose(1, 2).reshape(scores.shape[0], -1, *grid)
 
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
         return self.head(self.trunk(images, last.early_layers, last.hidden_layers), last)
@@ -392,5 +397,4 @@ class DenseEncoder(nn.Module):
 
 def patch_logits(feats: Tensor, queries: Tensor, grid: tuple[int, int]) -> Tensor:
     """Dense features ``(B, h·w, E)`` -> cosine logits ``(B, Q, h, w)`` on the patch grid."""
-    B = feats.shape[0]
-    return (feats @ queries.float().T).transpose(1, 2).reshape(B, -1, *grid)
+    return (feats @ queries.float().T).transpose(1, 2).reshape(feats.shape[0], -1, *grid)

@@ -19,6 +19,7 @@ from sclip_lab import segment
 from sclip_lab.errors import ConfigError, integer
 from sclip_lab.knobs import BindContext
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section
+from sclip_lab.proxy import ProxyBackbone, load_proxy, proxy_spec, window_features
 from sclip_lab.text import classifier, split_queries
 from sclip_lab.trunk_cache import TrunkCache
 
@@ -70,15 +71,7 @@ class Preprocess:
         return segment.window_boxes(height, width, self.window, self.stride)
 
 
-@dataclass(frozen=True)
-class Refine:
-    """Optional PAMR on the stitched logits (None/``none`` = off)."""
-
-    steps: int = 10
-    dilations: tuple[int, ...] = (8, 16)
-
-
-def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
+def build_refine(section: Mapping[str, Any] | None) -> segment.Refine | None:
     name = (section or {}).get("name", "none")
     if name == "none":
         return None
@@ -89,7 +82,7 @@ def build_refine(section: Mapping[str, Any] | None) -> Refine | None:
     if steps < 1 or not dil or min(dil) < 1:
         raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
                           f"(got steps={steps}, dilations={list(dil)})")
-    return Refine(steps, dil)
+    return segment.Refine(steps, dil)
 
 
 def _variant(attention: Mapping[str, Any], projection: Mapping[str, Any] | None):
@@ -102,19 +95,23 @@ def _variant(attention: Mapping[str, Any], projection: Mapping[str, Any] | None)
 
 
 def check_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
-               postprocess: Mapping[str, Any] | None) -> None:
+               postprocess: Mapping[str, Any] | None,
+               proxy: Mapping[str, Any] | None = None) -> None:
     """What a head's config can be checked for before the model exists (knob types and
-    ranges, the projection set, post-processing): bad values fail in the first second."""
+    ranges, the projection set, post-processing, the proxy): bad values fail in the first
+    second."""
     variant = _variant(attention, projection)
     variant.bind(attention, None)
     if variant.projection:
         attn.check_projection(projection, attention.get("combine"))
     build_refine(postprocess)
+    proxy_spec(variant, proxy)
 
 
 def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
                      encoder: DenseEncoder,
-                     learned: tuple[Tensor, Tensor | None] | None = None) -> LastBlock:
+                     learned: tuple[Tensor, Tensor | None] | None = None,
+                     proxy: Mapping[str, Any] | None = None) -> LastBlock:
     """Validate an attention section against its variant's declared knobs and bind them.
 
     Args:
@@ -122,15 +119,19 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
         projection: ``cfg.projection`` or None (variants that take one: csa).
         encoder: the dense encoder whose last block supplies W_q / W_k.
         learned: the trained (W, b) for ``projection=learned``.
+        proxy: ``cfg.proxy``, read by proxy variants (ProxyCLIP).
     """
     variant = _variant(attention, projection)
     knobs, block = variant.bind(attention, encoder.depth)
     borrowed = tuple(variant.borrows(knobs))
     hidden = tuple(variant.hidden(knobs, encoder.depth))
+    spec = proxy_spec(variant, proxy, encoder.depth)
+    if spec is not None and spec.arch is None:  # clip_self: CLIP's own hidden state
+        hidden = tuple(sorted({*hidden, spec.layer}))
     if variant.prepare is not None:
         block_attn = encoder.visual.transformer.resblocks[-1].attn
         knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
-    return LastBlock(variant, knobs, borrowed, hidden, **block)
+    return LastBlock(variant, knobs, borrowed, hidden, **block, proxy=spec)
 
 
 @dataclass(frozen=True)
@@ -138,14 +139,15 @@ class Head:
     """What differs between variants that share a trunk: the last block and refinement."""
 
     last: LastBlock
-    refine: Refine | None = None
+    refine: segment.Refine | None = None
 
 
 def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
                postprocess: Mapping[str, Any] | None, encoder: DenseEncoder,
-               learned: tuple[Tensor, Tensor | None] | None = None) -> Head:
+               learned: tuple[Tensor, Tensor | None] | None = None,
+               proxy: Mapping[str, Any] | None = None) -> Head:
     """A variant's last block and refinement, validated."""
-    return Head(build_last_block(attention, projection, encoder, learned),
+    return Head(build_last_block(attention, projection, encoder, learned, proxy),
                 build_refine(postprocess))
 
 
@@ -177,6 +179,7 @@ class Segmenter:
     prep: Preprocess
     batch_size: int = 16
     trunk_cache: TrunkCache | None = None  # blocks 1…depth−1 on disk: speed only
+    proxies: dict[Any, ProxyBackbone | None] = field(default_factory=dict)  # spec -> backbone
     # fp32 scratch for one image's stitched logits on CPU, reused (iter_class_maps)
     scratch: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -192,6 +195,31 @@ class Segmenter:
     def hidden_layers(self, heads: Sequence[Head]) -> tuple[int, ...]:
         """Trunk hidden states some head reads (multi-block paths, mid-layer features)."""
         return tuple(sorted({i for h in heads for i in h.last.hidden_layers}))
+
+    def add_proxy(self, head: Head, section: Mapping[str, Any] | None) -> None:
+        """Load the proxy backbone ``head`` reads (once per spec; heads share it)."""
+        spec = head.last.proxy
+        if spec is not None and spec not in self.proxies:
+            self.proxies[spec] = load_proxy(section, self.device, self.encoder.dtype)
+
+    @torch.no_grad()
+    def encode_heads(self, images: Sequence[Tensor], heads: Sequence[Head]
+                     ) -> list[WindowGroup]:
+        """``encode`` with everything ``heads`` read: borrowed maps, hidden states and the
+        proxies' window features (each proxy once per window, shared by its heads)."""
+        groups = self.encode(images, self.early_layers(heads), self.hidden_layers(heads))
+        for spec in dict.fromkeys(h.last.proxy for h in heads if h.last.proxy is not None):
+            for g in groups:
+                g.trunk.proxy[spec] = window_features(
+                    spec, self.proxies[spec], g.trunk, (
+                        self.crops(images, g.owners[i:i + self.batch_size])
+                        for i in range(0, len(g.owners), self.batch_size)))
+        return groups
+
+    def crops(self, images: Sequence[Tensor], owners: Sequence) -> Tensor:
+        """``(B, 3, h, w)`` the windows ``owners`` (image index, box) on the device."""
+        return torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2)
+                            in owners]).to(self.device)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
@@ -219,9 +247,7 @@ class Segmenter:
         for members in owners.values():
             parts = []
             for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                crops = torch.stack([images[i][:, y1:y2, x1:x2] for i, (y1, y2, x1, x2)
-                                     in chunk]).to(self.device)
+                crops = self.crops(images, members[start:start + self.batch_size])
                 parts.append(self.encoder.trunk(crops, early_layers, hidden_layers))
             groups.append(WindowGroup(members, TrunkOutput.cat(parts)))
         return groups
@@ -248,7 +274,8 @@ class Segmenter:
         return [segment.stitch_windows(w, h, wd, tuple(size)) for w, (h, wd), size
                 in zip(self.window_logits(groups, len(shapes), head), shapes, sizes)]
 
-    def refined(self, logits: Tensor, resized: Tensor, refine: Refine | None) -> Tensor:
+    def refined(self, logits: Tensor, resized: Tensor, refine: segment.Refine | None
+                ) -> Tensor:
         """``(Q, H, W)`` logits at the original size, PAMR-refined if ``refine`` is on."""
         size = tuple(logits.shape[-2:])
         if refine is not None:
@@ -261,7 +288,7 @@ class Segmenter:
         """Per head, ``[image] -> (Q, H, W)`` logits of preprocessed images; the trunk runs
         once, and only one head's full-size logits are alive at a time."""
         heads = self.heads if heads is None else heads
-        groups = self.encode(resized, self.early_layers(heads), self.hidden_layers(heads))
+        groups = self.encode_heads(resized, heads)
         shapes = [tuple(r.shape[1:]) for r in resized]
         for head in heads:
             yield [self.refined(lg, r, head.refine)
@@ -275,7 +302,7 @@ class Segmenter:
         alive at a time, stitched (on CPU) into a scratch reused across images and calls,
         and reduced block by block without a second full-size tensor."""
         heads = self.heads if heads is None else heads
-        groups = self.encode(resized, self.early_layers(heads), self.hidden_layers(heads))
+        groups = self.encode_heads(resized, heads)
         for head in heads:
             maps = []
             for windows, r, size in zip(self.window_logits(groups, len(resized), head),
@@ -338,19 +365,20 @@ def build_segmenter(
     batch_size: int = 16,
     cache_dir: str | None = None,
     learned: tuple[Tensor, Tensor | None] | None = None,
+    proxy: Mapping[str, Any] | None = None,
 ) -> tuple[Segmenter, dict]:
     """Load the model and text queries, validate the variant -> (segmenter, model info)."""
     prep = Preprocess.from_section(preprocess)
     batch_size = integer(batch_size, "batch_size", 1)
     if not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
-    check_head(attention, projection, postprocess)  # before the (slow) model load
+    check_head(attention, projection, postprocess, proxy)  # before the (slow) model load
     clip, info = clip_from_section(model, precision, device)
     encoder = DenseEncoder(clip.visual)
     if prep.window is not None and prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "
                           f"{encoder.patch}-pixel patch of {info['arch']}")
-    head = build_head(attention, projection, postprocess, encoder, learned)
+    head = build_head(attention, projection, postprocess, encoder, learned, proxy)
     names, owner = split_queries(classes)
     dev = torch.device(info["device"])
     queries = classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
@@ -358,4 +386,6 @@ def build_segmenter(
                                float(prob_thd or 0.0),
                                None if area_thd is None else float(area_thd))
     info.update(num_queries=len(names), depth=encoder.depth)
-    return Segmenter(encoder, [head], queries, post, prep, batch_size), info
+    segmenter = Segmenter(encoder, [head], queries, post, prep, batch_size)
+    segmenter.add_proxy(head, proxy)
+    return segmenter, info

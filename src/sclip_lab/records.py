@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 import traceback
@@ -37,7 +38,7 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-co
 # The parts of a resolved config that determine a run's numbers (top-level knobs such as
 # n or window reach them by interpolation); speed, paths and logging are left out.
 # Dataset keys added after the first records: absent from their keys while at these values.
-VOCABULARY_DEFAULTS = {"synonyms": True, "background_word": None}
+VOCABULARY_DEFAULTS = {"synonyms": True, "background_word": None, "class_overrides": {}}
 RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
                "text", "precision", "limit")
 
@@ -52,6 +53,8 @@ def result_key(config: Mapping[str, Any]) -> str:
     att = relevant["attention"]
     if isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
         relevant["attention"] = ATTENTIONS[att["name"]].key_section(att)
+        if reads_proxy(att["name"]):  # only then: other variants keep their keys
+            relevant["proxy"] = config.get("proxy")
     if lossy_trunk_cache(config):  # only then: the exact cache leaves old keys as they were
         relevant["trunk_cache_dtype"] = config["trunk_cache_dtype"]
     blob = json.dumps(relevant, sort_keys=True, default=str)
@@ -63,6 +66,11 @@ def lossy_trunk_cache(config: Mapping[str, Any]) -> bool:
     with ``trunk_cache_dtype=fp16`` on an fp32 trunk (``precision`` resolved)."""
     return bool(config.get("trunk_cache")) and config.get("trunk_cache_dtype") == "fp16" \
         and config.get("precision") == "fp32"
+
+
+def reads_proxy(attention: str) -> bool:
+    """Whether attention variant ``attention`` reads a proxy backbone (ProxyCLIP)."""
+    return attention in ATTENTIONS and ATTENTIONS[attention].proxy
 
 
 def knob_field_names() -> tuple[str, ...]:
@@ -118,6 +126,7 @@ def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
         "n": projection.get("n") if random_proj else None,
         "trial": projection.get("trial") if random_proj else None,
         **knobs,
+        "proxy": (config.get("proxy") or {}).get("name") if reads_proxy(name) else None,
         "postprocess": (config.get("postprocess") or {}).get("name", "none"),
         "protocol": (config.get("protocol") or {}).get("name", "sclip"),
         "short_side": config["preprocess"]["short_side"],
@@ -161,6 +170,30 @@ def environment() -> dict[str, Any]:
     return copy.deepcopy(_environment())
 
 
+# The scheduler's ids of the job that computed a record (its environment; never in the key).
+SLURM_IDS = (("slurm_job_id", "SLURM_JOB_ID"), ("slurm_array_job_id", "SLURM_ARRAY_JOB_ID"),
+             ("slurm_array_task_id", "SLURM_ARRAY_TASK_ID"), ("slurm_partition",
+             "SLURM_JOB_PARTITION"), ("slurm_cluster", "SLURM_CLUSTER_NAME"))
+
+
+def job_identity() -> dict[str, Any]:
+    """Which job computed a record: the host; under SLURM its job id, array job and task
+    ids, partition, cluster and restart count (requeues); under a submitit launcher its
+    job id (``<array job>_<task>`` on SLURM). Identity only: no part of the result key."""
+    job: dict[str, Any] = {"host": platform.node()}
+    job.update({key: os.environ[var] for key, var in SLURM_IDS if os.environ.get(var)})
+    if "slurm_job_id" in job:
+        job["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        try:
+            import submitit
+
+            job["submitit_job_id"] = str(submitit.JobEnvironment().job_id)
+        except Exception:  # noqa: BLE001 - identity is best effort, never a lost record
+            pass
+    return job
+
+
 def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
                  per_class: Mapping[str, float | None], info: Mapping[str, Any],
                  num_images: int, timings: Mapping[str, float], variant: str | None = None,
@@ -172,6 +205,7 @@ def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, floa
         "key": key,
         "summary": summary_of(config, metrics, info, num_images),
         "sweep": config.get("sweep"),
+        "job": job_identity(),
         "variant": variant or None,
         "metrics": dict(metrics),
         "per_class_iou": dict(per_class),

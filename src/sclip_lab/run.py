@@ -36,12 +36,13 @@ from sclip_lab.build import (
 )
 from sclip_lab.cli import hydra_entry
 from sclip_lab.config import unused_knobs, variant_label
-from sclip_lab.console import banner, per_class_table, weights_text
+from sclip_lab.console import banner, per_class_table, proxy_text, weights_text
 from sclip_lab.errors import ConfigError, UserError, check_writable_dir, integer, message_of
 from sclip_lab.files import atomic_target
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
 from sclip_lab.pipeline import Preprocess, Segmenter, check_head
+from sclip_lab.proxy import proxy_identity
 from sclip_lab.records import (
     METRICS,
     build_record,
@@ -84,6 +85,7 @@ class Job:
     metric: SegmentationMetrics | None = None
     overlays: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
     seconds: float = 0.0
+    proxy: dict[str, Any] | None = None  # its proxy backbone's identity (attention=proxy)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -108,7 +110,7 @@ def preflight(cfg: DictConfig) -> None:
     check_dtype(cfg.get("trunk_cache_dtype", "fp32"))
     if cfg.get("trunk_cache"):
         check_writable_dir(cfg.trunk_cache, "trunk_cache")
-    check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"))
+    check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"), cfg.get("proxy"))
     for key in ("pretrained", "config_file"):  # a file that is not there fails now, not later
         value = str(cfg.model.get(key) or "")
         path = Path(value).expanduser()
@@ -136,8 +138,9 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     segmenter, info = segmenter_from_config(base, spec.classes, spec.logit_scale,
                                             spec.prob_thd, spec.area_thd, prep)
     jobs = [jobs[0]] + add_heads(segmenter, jobs[1:])
-    for job in jobs:
+    for job, head in zip(jobs, segmenter.heads):
         job.metric = SegmentationMetrics(spec.num_classes).to(segmenter.device)
+        job.proxy = proxy_identity(head.last.proxy, segmenter.proxies.get(head.last.proxy))
     t_setup = time.perf_counter() - t0
     log.info("evaluating\n%s", start_banner(jobs, spec, info, len(dataset), segmenter))
 
@@ -180,6 +183,8 @@ def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[st
             ("dataset", f"{spec.name}: {num_images} images{total}, {spec.num_classes} classes, "
                         f"{len(segmenter.queries)} queries"),
             ("preprocess", f"short side {prep.short_side}, {window}")]
+    rows += [("proxy", proxy_text(p)) for p in {str(j.proxy): j.proxy for j in jobs
+                                                 if j.proxy}.values()]
     rows += [("variant" if len(jobs) == 1 else f"variant {i + 1}", job.label)
              for i, job in enumerate(jobs)]
     rows.append(("output", str(jobs[0].run_dir if len(jobs) == 1 else jobs[0].run_dir.parent)))
@@ -206,7 +211,7 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
     kept = []
     for job in jobs:
         try:
-            head = head_from_config(job.cfg, segmenter.encoder)
+            head = head_from_config(job.cfg, segmenter)
         except UserError as e:
             log.error("variant [%s] skipped: %s", job.label, e)
             mark_failed(job.run_dir, e)
@@ -251,6 +256,8 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
         viz.segmentation_figure(image, {label: pred}, names,
                                 job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
+    if job.proxy is not None:  # the record's model section names both backbones
+        info = {**info, "proxy": job.proxy}
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
                           job.entry, classes=spec.classes)
     # The record first: nothing that happens to the logging afterwards can lose it.

@@ -302,6 +302,14 @@ def _thresholded(logits: torch.Tensor, pp: PostProcess, query_class: torch.Tenso
 # ------------------------------------------------------------------------------- PAMR
 
 
+@dataclass(frozen=True)
+class Refine:
+    """PAMR on the stitched logits (``postprocess=pamr``; docs/protocol.md §7)."""
+
+    steps: int = 10
+    dilations: tuple[int, ...] = (8, 16)
+
+
 def _neighbours(x: torch.Tensor, dilation: int) -> list[torch.Tensor]:
     """The 8 dilated 3×3 neighbours of every pixel of ``(B, K, H, W)``, replicate-padded."""
     H, W = x.shape[-2:]

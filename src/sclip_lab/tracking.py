@@ -101,6 +101,8 @@ class Tracker:
         try:
             import wandb
 
+            from sclip_lab.records import job_identity
+
             mode = wandb_mode(self.settings.get("mode", "auto"))
             timeout = float(self.settings.get("init_timeout", INIT_TIMEOUT_S))
             kwargs = dict(
@@ -108,7 +110,8 @@ class Tracker:
                 entity=self.settings.get("entity"),
                 group=group or self.settings.get("group"),
                 tags=list(tags) + list(self.settings.get("tags") or []),
-                name=name, config=dict(config), dir=str(self.run_dir),
+                # the job that ran it (SLURM job/array ids), as in the record
+                name=name, config={**dict(config), "job": job_identity()}, dir=str(self.run_dir),
                 reinit="finish_previous")
             settings = dict(silent=True, console="off", init_timeout=timeout)
             try:

@@ -13,7 +13,7 @@ dir). Every entry of ``attentions`` is an attention name plus optional knobs, as
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,18 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sclip_lab import data, segment, viz
-from sclip_lab.build import learned_of, segmenter_from_config, variant_configs, vocabulary
+from sclip_lab.build import (
+    head_from_config,
+    learned_of,
+    segmenter_from_config,
+    variant_configs,
+    vocabulary,
+)
 from sclip_lab.cli import hydra_entry
 from sclip_lab.errors import ConfigError, check_writable_dir, integer
 from sclip_lab.model import DenseEncoder, LastBlock, clip_from_section
-from sclip_lab.pipeline import build_head, build_last_block
+from sclip_lab.pipeline import build_last_block
+from sclip_lab.proxy import load_proxy, window_features
 
 log = logging.getLogger("sclip_lab")
 
@@ -130,30 +137,44 @@ def load_encoder(model: Mapping[str, Any], device: str, precision: str
 
 
 @torch.no_grad()
-def attention_maps(encoder: DenseEncoder, resized: Tensor, tokens: Sequence[int],
-                   lasts: Mapping[str, LastBlock]) -> dict[str, np.ndarray]:
+def attention_maps(encoder: DenseEncoder, resized: Tensor,
+                   tokens: Sequence[int] | Callable[[tuple[int, int], Any], list[int]],
+                   lasts: Mapping[str, LastBlock], proxies: Mapping[Any, Any] | None = None
+                   ) -> dict[str, np.ndarray]:
     """One whole-image trunk pass, then every variant's point rows.
 
     Args:
         resized: ``(3, Hr, Wr)`` normalised image (positional embeddings are interpolated to
             its grid).
-        tokens: P patch token indices.
+        tokens: P patch token indices, or ``(grid, proxy spec or None) -> indices`` where
+            variants' grids differ (a proxy variant attends over its proxy's grid).
         lasts: label -> built last block.
+        proxies: proxy spec -> loaded backbone (None for clip_self), for proxy variants.
 
     Returns:
-        label -> ``(P, gh, gw)`` attention maps (mean over heads).
+        label -> ``(P, gh, gw)`` attention maps (mean over heads), on each variant's grid.
     """
     device = encoder.visual.conv1.weight.device
     borrowed = {i for last in lasts.values() for i in last.early_layers if i < encoder.depth}
     hidden = {i for last in lasts.values() for i in last.hidden_layers}
-    trunk = encoder.trunk(resized[None].to(device), sorted(borrowed), sorted(hidden))
-    return {label: point_maps(encoder.last_attention(trunk, last), tokens, trunk.grid)
-            for label, last in lasts.items()}
+    image = resized[None].to(device)
+    trunk = encoder.trunk(image, sorted(borrowed), sorted(hidden))
+    out = {}
+    for label, last in lasts.items():
+        grid = trunk.grid
+        if last.proxy is not None:
+            feats = window_features(last.proxy, (proxies or {}).get(last.proxy), trunk, [image])
+            trunk.proxy[last.proxy] = feats
+            grid = tuple(feats.shape[-2:])
+        rows = tokens(grid, last.proxy) if callable(tokens) else tokens
+        out[label] = point_maps(encoder.last_attention(trunk, last), rows, grid)
+    return out
 
 
 def attention_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
                      points: Sequence[tuple[float, float]], titles: Sequence[str], patch: int,
-                     path_stem: Path) -> list[Path]:
+                     path_stem: Path, cover: Mapping[str, tuple[float, float]] | None = None
+                     ) -> list[Path]:
     """Heat maps over the resized image: a row per variant, a column per point.
 
     Each panel's colours span its own min…max (maps of different variants differ in scale
@@ -166,6 +187,8 @@ def attention_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
         titles: P column titles.
         patch: patch size; the grid covers ``(gh·patch, gw·patch)`` from the top-left.
         path_stem: output path without suffix; ``.png`` and ``.pdf`` are written.
+        cover: label -> ``(height, width)`` in pixels that row's grid covers, where it is
+            not CLIP's (proxy grids).
     """
     from matplotlib.figure import Figure
 
@@ -176,15 +199,16 @@ def attention_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, (label, stack) in enumerate(maps.items()):
         gh, gw = stack.shape[1:]
+        ch, cw = (cover or {}).get(label, (gh * patch, gw * patch))
         for c, (x, y) in enumerate(points):
             ax = axes[r, c]
             m = stack[c]
             m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
-            heat = cv2.resize(m.astype(np.float32), (gw * patch, gh * patch),
+            heat = cv2.resize(m.astype(np.float32), (round(cw), round(ch)),
                               interpolation=cv2.INTER_LINEAR)
             ax.imshow(image, extent=(0, w, h, 0))
             ax.imshow(heat, cmap="jet", alpha=HEAT_ALPHA, vmin=0, vmax=1,
-                      extent=(0, gw * patch, gh * patch, 0))
+                      extent=(0, cw, ch, 0))
             ax.plot([x], [y], marker="o", markersize=11, markerfacecolor="white",
                     markeredgecolor="black", markeredgewidth=2.5)
             ax.plot([x], [y], marker="+", markersize=7, color="black", markeredgewidth=1.5)
@@ -213,17 +237,41 @@ def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     # Check the points before the (slow) model load.
     marks = [resized_point(p, size, resized) for p in points]
     encoder, info = load_encoder(cfg.model, cfg.device, cfg.precision)
-    lasts = {label: build_last_block(v.attention, v.get("projection"), encoder, learned_of(v))
-             for label, v in entries}
+    lasts = {label: build_last_block(v.attention, v.get("projection"), encoder, learned_of(v),
+                                     v.get("proxy")) for label, v in entries}
+    proxies = {}
+    for (label, v) in entries:  # each proxy backbone once
+        if lasts[label].proxy is not None and lasts[label].proxy not in proxies:
+            proxies[lasts[label].proxy] = load_proxy(v.proxy, info["device"], encoder.dtype)
     grid = (resized[0] // encoder.patch, resized[1] // encoder.patch)
     if min(grid) < 1:
         raise ConfigError(f"size={cfg.size} gives no {encoder.patch}-pixel patch; raise size")
-    tokens = [point_token(p, size, resized, grid, encoder.patch) for p in points]
-    maps = attention_maps(encoder, segment.normalize(small), tokens, lasts)
+
+    def tokens(grid: tuple[int, int], spec: Any) -> list[int]:
+        # A proxy resized to a fixed input (SAM) covers the whole image; else whole patches.
+        patch = encoder.patch if spec is None or spec.arch is None else spec.patch
+        if spec is not None and spec.input_size is not None:
+            patch = resized[0] / grid[0]
+        return [point_token(p, size, resized, grid, patch) for p in points]
+
+    maps = attention_maps(encoder, segment.normalize(small), tokens, lasts, proxies)
+    cover = {label: proxy_cover(lasts[label].proxy, resized, maps[label].shape[1:])
+             for label, _ in entries if lasts[label].proxy is not None}
     titles = [f"point ({x:g}, {y:g})" for x, y in points]
-    paths = attention_figure(small, maps, marks, titles, encoder.patch, output / "attention")
+    paths = attention_figure(small, maps, marks, titles, encoder.patch, output / "attention",
+                             cover)
     log.info("%s: %d×%d patch grid, %s %s", cfg.image, *grid, info["arch"], info["precision"])
     return paths
+
+
+def proxy_cover(spec: Any, resized: tuple[int, int], grid: tuple[int, int]
+                ) -> tuple[float, float]:
+    """Pixels ``(height, width)`` of the resized image a proxy's ``grid`` covers: whole
+    patches from the top-left, or all of it for a proxy with a fixed input size (SAM)."""
+    if spec.arch is not None and spec.input_size is not None:
+        return float(resized[0]), float(resized[1])
+    patch = spec.patch or resized[0] // grid[0]  # clip_self: CLIP's own patch
+    return float(grid[0] * patch), float(grid[1] * patch)
 
 
 def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
@@ -233,8 +281,7 @@ def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     classes, scale, prob_thd, area_thd = vocabulary(cfg)
     segmenter, info = segmenter_from_config(entries[0][1], classes, scale, prob_thd, area_thd)
     for _, v in entries[1:]:
-        segmenter.heads.append(build_head(v.attention, v.get("projection"), v.get("postprocess"),
-                                          segmenter.encoder, learned_of(v)))
+        segmenter.heads.append(head_from_config(v, segmenter))
     resized = segmenter.prep(image)
     per_head = segmenter.logits_many([resized], [image.shape[:2]])
     preds = {label: segmenter.classes(logits[0]).cpu().numpy()

@@ -9,6 +9,7 @@ lives in a module of its own here and registers itself on import, below.
 # Each import registers that module's methods.
 from sclip_lab.attention import csa as _csa  # noqa: F401
 from sclip_lab.attention import gem as _gem  # noqa: F401
+from sclip_lab.attention import proxy as _proxy  # noqa: F401
 from sclip_lab.attention import resclip as _resclip  # noqa: F401
 from sclip_lab.attention import scclip as _scclip  # noqa: F401
 from sclip_lab.attention import surgery as _surgery  # noqa: F401

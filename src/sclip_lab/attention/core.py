@@ -50,6 +50,8 @@ class AttentionInputs:
             the caller computes logits (two-pass methods such as ResCLIP's SFR).
         images: ``(B, 3, H, W)`` the normalised windows (crop-level refinement).
         features: ``(B, N, D)`` block output -> ``(B, N, E)`` unit features (the readout).
+        proxy: ``(B, C, Hv, Wv)`` a proxy backbone's features of the same windows, for
+            variants registered with ``proxy=True`` (ProxyCLIP; the ``proxy`` group).
     """
 
     z: Tensor
@@ -65,6 +67,7 @@ class AttentionInputs:
     queries: Tensor | None = None
     images: Tensor | None = None
     features: Callable[[Tensor], Tensor] | None = None
+    proxy: Tensor | None = None
 
     @property
     def heads(self) -> int:
@@ -77,7 +80,7 @@ ATTENTIONS: dict[str, Variant] = {}
 def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool = True,
                        ffn: bool = True, borrows=None, hidden=None, prepare=None,
                        projection: bool = False, output: str = "attention", readout=None,
-                       maps=None):
+                       maps=None, proxy: bool = False):
     """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs and
     hooks (``sclip_lab.knobs.Variant``); the first docstring line is its listing.
     Duplicates are an error."""
@@ -91,7 +94,7 @@ def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool 
         extra = {k: v for k, v in (("borrows", borrows), ("hidden", hidden)) if v is not None}
         ATTENTIONS[name] = Variant(name, fn, tuple(knobs), residual, ffn, doc,
                                    prepare=prepare, projection=projection, output=output,
-                                   readout=readout, maps=maps, **extra)
+                                   readout=readout, maps=maps, proxy=proxy, **extra)
         return fn
 
     return wrap

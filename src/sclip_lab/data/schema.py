@@ -83,6 +83,8 @@ class DatasetConfig:
     expected_images: int = MISSING
     synonyms: bool = True              # false: each class by its first name alone
     background_word: str | None = None  # with synonyms=false: the name of class 0
+    # {class index: line} replacing lines of classes (a protocol's own class files)
+    class_overrides: dict[int, str] = field(default_factory=dict)
     source: str = "files"
     train: dict[str, Any] = field(default_factory=dict)  # overrides for the training split
     hf: HFConfig = field(default_factory=HFConfig)
@@ -190,6 +192,13 @@ def spec_from_config(section: Mapping) -> BenchmarkSpec:
     if cfg["expected_images"] < 0:
         raise DataError(f"{where}: dataset.expected_images={cfg['expected_images']} must "
                         "be ≥ 0")
+    overrides = cfg["class_overrides"]
+    bad = sorted(i for i, line in overrides.items()
+                 if not 0 <= i < len(classes) or not line.strip())
+    if bad:
+        raise DataError(f"{where}: dataset.class_overrides[{bad[0]}] must name one of the "
+                        f"{len(classes)} classes (0..{len(classes) - 1}) with a non-empty line")
+    classes = tuple(overrides.get(i, line) for i, line in enumerate(classes))
     if not cfg["synonyms"]:
         classes = first_names(classes, cfg["background_word"])
     return BenchmarkSpec(

@@ -62,7 +62,8 @@ def match_fields() -> tuple[str, ...]:
     """The summary fields that tell variants apart (every declared knob's, from the
     registry); ``trial`` is averaged, not matched."""
     return tuple(dict.fromkeys(("attention", "projection", "n", "combine",
-                                *knob_field_names(), "postprocess", "protocol")))
+                                *knob_field_names(), "proxy", "postprocess",
+                                "protocol")))
 
 
 TABLE1_COLUMNS = dict(zip(TABLE1_DATASETS, ("VOC21", "Context60", "Object", "VOC20",
