@@ -314,7 +314,7 @@ def test_a_failing_job_leaves_failed_json_and_the_sweep_exits_1(slurm, sweep_set
 def test_queue_watcher_falls_back_to_squeue_once(monkeypatch, caplog):
     """Without accounting sacct fails: one warning, then squeue; STOPPED is not done, a
     job that left the queue has ended."""
-    from sclip_lab import cli
+    from sclip_lab import slurm
 
     calls = []
 
@@ -327,8 +327,8 @@ def test_queue_watcher_falls_back_to_squeue_once(monkeypatch, caplog):
             command, 0, "7_0|RUNNING|node1|None\n7_1|STOPPED|node1|None\n"
                         "8_0|PENDING||PartitionTimeLimit\n", "")
 
-    monkeypatch.setattr(cli.subprocess, "run", fake_run)
-    watcher = cli.QueueWatcher()
+    monkeypatch.setattr(slurm.subprocess, "run", fake_run)
+    watcher = slurm.QueueWatcher()
     for job in ("7_0", "7_1", "7_2", "8_0"):
         watcher.register_job(job)
     for _ in range(3):
