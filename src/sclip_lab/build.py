@@ -124,5 +124,5 @@ def head_from_config(cfg: DictConfig, segmenter: Segmenter) -> Head:
     its proxy backbone loaded into the segmenter (shared with heads of the same proxy)."""
     head = build_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"),
                       segmenter.encoder, learned_of(cfg), cfg.get("proxy"))
-    segmenter.add_proxy(head, cfg.get("proxy"))
+    segmenter.add_proxy(head)
     return head

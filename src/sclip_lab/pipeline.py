@@ -196,11 +196,11 @@ class Segmenter:
         """Trunk hidden states some head reads (multi-block paths, mid-layer features)."""
         return tuple(sorted({i for h in heads for i in h.last.hidden_layers}))
 
-    def add_proxy(self, head: Head, section: Mapping[str, Any] | None) -> None:
+    def add_proxy(self, head: Head) -> None:
         """Load the proxy backbone ``head`` reads (once per spec; heads share it)."""
         spec = head.last.proxy
         if spec is not None and spec not in self.proxies:
-            self.proxies[spec] = load_proxy(section, self.device, self.encoder.dtype)
+            self.proxies[spec] = load_proxy(spec, self.device, self.encoder.dtype)
 
     @torch.no_grad()
     def encode_heads(self, images: Sequence[Tensor], heads: Sequence[Head]
@@ -387,5 +387,5 @@ def build_segmenter(
                                None if area_thd is None else float(area_thd))
     info.update(num_queries=len(names), depth=encoder.depth)
     segmenter = Segmenter(encoder, [head], queries, post, prep, batch_size)
-    segmenter.add_proxy(head, proxy)
+    segmenter.add_proxy(head)
     return segmenter, info

@@ -239,10 +239,8 @@ def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     encoder, info = load_encoder(cfg.model, cfg.device, cfg.precision)
     lasts = {label: build_last_block(v.attention, v.get("projection"), encoder, learned_of(v),
                                      v.get("proxy")) for label, v in entries}
-    proxies = {}
-    for (label, v) in entries:  # each proxy backbone once
-        if lasts[label].proxy is not None and lasts[label].proxy not in proxies:
-            proxies[lasts[label].proxy] = load_proxy(v.proxy, info["device"], encoder.dtype)
+    specs = {last.proxy for last in lasts.values() if last.proxy is not None}
+    proxies = {spec: load_proxy(spec, info["device"], encoder.dtype) for spec in specs}
     grid = (resized[0] // encoder.patch, resized[1] // encoder.patch)
     if min(grid) < 1:
         raise ConfigError(f"size={cfg.size} gives no {encoder.patch}-pixel patch; raise size")
