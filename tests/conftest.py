@@ -134,3 +134,28 @@ def evaluate_in_process(overrides: list[str], run_dir: Path, config_name: str = 
 def tiny_inproc(tiny):
     """``tiny`` overrides for in-process runs (no W&B, no workers)."""
     return [*tiny, "logger=none"]
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A real size-limited filesystem (tmpfs) for disk-full faults: yields a factory
+    ``small_fs(kib) -> Path`` of an empty, freshly mounted folder of ``kib`` KiB.
+
+    Needs root (CI runs as root); elsewhere the test is skipped with the reason."""
+    if os.geteuid() != 0:
+        pytest.skip("a size-limited tmpfs needs root (mount -t tmpfs); CI runs as root")
+    mounts: list[Path] = []
+
+    def make(kib: int) -> Path:
+        path = tmp_path / f"fs{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(kib)}k", "tmpfs",
+                               str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in reversed(mounts):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
+import re
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import pytest
 import torch
 from conftest import REPO
 from synthetic import write_benchmark
+
+from sclip_lab.errors import MAX_LINE
 
 
 def _module(name: str):
@@ -66,15 +70,21 @@ def world(tmp_path_factory, tiny_config_file, tiny_checkpoint):
     a_file.write_text("not a directory")
     junk = root / "junk.pt"
     junk.write_bytes(b"\x00\x01 not a checkpoint")
+    # a pickle that weights_only refuses (torch's explanation of it runs to ~700 characters)
+    import argparse
+
+    pickled = root / "pickled.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, pickled)
     image = next((good / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))
     model = ["model.arch=sclip-tiny-vit", f"model.config_file={tiny_config_file}",
              f"model.pretrained={tiny_checkpoint}", f"cache_dir={root / 'cache'}"]
     return {"root": root, "good": good, "corrupt": corrupt, "badsize": badsize,
-            "file": a_file, "junk": junk, "image": image, "model": model}
+            "file": a_file, "junk": junk, "image": image, "model": model, "pickled": pickled}
 
 
 def _fill(arg: str, w: dict) -> str:
     return (arg.replace("{file}", str(w["file"])).replace("{junk}", str(w["junk"]))
+            .replace("{pickled}", str(w["pickled"]))
             .replace("{image}", str(w["image"])).replace("{root}", str(w["root"]))
             .replace("{corrupt}", str(w["corrupt"])).replace("{badsize}", str(w["badsize"])))
 
@@ -153,12 +163,20 @@ CASES = [
     ("trunk-cache-under-file", RUN, ["trunk_cache={file}/c"], 2, "lies under the file"),
     ("trunk-cache-dtype", RUN, ["trunk_cache_dtype=bf16"], 2,
      "trunk_cache_dtype=bf16 is not one of fp32|fp16"),
+    # a folder of other files is refused before the model loads (the junk weights never do)
+    ("trunk-cache-foreign-folder", RUN, ["trunk_cache={root}/good", "model.pretrained={junk}"],
+     2, "trunk_cache={root}/good is a folder of other files (VOCdevkit), not a trunk cache"),
+    ("trunk-cache-foreign-folder-predict", "predict", ["image={image}", "output={root}/p.png",
+                                                       "trunk_cache={root}/good"], 2,
+     "give an empty or new folder, e.g. trunk_cache={root}/good/trunk_cache"),
     ("data-root-is-file", RUN, ["data_root={file}"], 2, "data_root {file} is a file"),
     ("data-root-missing", RUN, ["data_root={root}/nothing"], 2,
      "python -m sclip_lab.prepare voc21"),
     ("resume-root-is-file", RUN, ["resume_root={file}"], 2, "resume_root={file} is a file"),
     ("weights-missing", RUN, ["model.pretrained={root}/none.pt"], 2, "does not exist"),
     ("weights-corrupt", RUN, ["model.pretrained={junk}"], 2, "not a readable checkpoint"),
+    ("weights-unsafe-pickle", RUN, ["model.pretrained={pickled}"], 2,
+     "not a readable checkpoint (UnpicklingError: Weights only load failed"),
     ("learned-missing", RUN, ["projection=learned", "projection.path={root}/none.pt"], 2,
      "does not exist; train it"),
     ("learned-corrupt", RUN, ["projection=learned", "projection.path={junk}"], 2,
@@ -183,6 +201,9 @@ CASES = [
     ("predict-logit-scale-inf", "predict", ["image={image}", "output={root}/p.png",
                                             "classes=[cat,dog]", "logit_scale=inf"], 2,
      "logit_scale=inf is not a finite number"),
+    ("predict-palette-limit", "predict", ["image={image}", "output={root}/p.png",
+                                          f"classes=[{','.join(f'c{i}' for i in range(257))}]"],
+     2, "257 classes do not fit output={root}/p.png: a palette PNG holds at most 256"),
     # visualize
     ("visualize-no-image", "visualize", [], 2, "image is required"),
     ("visualize-points", "visualize", ["image={image}", "points=[[1]]"], 2,
@@ -228,6 +249,7 @@ def test_fault(world, tmp_path, capsys, monkeypatch, entry, overrides, code, mes
     errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, captured.err[-2000:]
     assert _fill(message, world) in errors[0], errors[0]
+    assert len(errors[0]) <= len("error: ") + MAX_LINE, errors[0]  # the library's text: --verbose
     assert "Traceback" not in captured.err + captured.out
     assert not finished_records(tmp_path)
 
@@ -472,3 +494,354 @@ def test_sync_lists_only_offline_runs_not_yet_uploaded(tmp_path, capsys, monkeyp
     monkeypatch.setenv("HOME", str(tmp_path))
     assert invoke("sync", [str(tmp_path / "outputs")]) == 2
     assert "wandb login" in capsys.readouterr().err
+
+
+# ------------------------------------------------ the trunk cache never costs a result
+
+
+def _fill_up(folder: Path) -> None:
+    """Write into ``folder`` until its filesystem is full (unbuffered: the last write fails)."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+
+def _trunk_cache_warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "trunk cache: cannot write" in line]
+
+
+@pytest.mark.parametrize("space", ["some", "none"])
+def test_a_full_disk_under_the_trunk_cache_costs_no_result(tiny_inproc, tmp_path, small_fs,
+                                                          caplog, space):
+    """On a real 1200 KiB filesystem the marker, the manifest and one image's 0.8 MB entry
+    fit, not two ("some"); filled up first, not even the marker ("none"). Either way the
+    runs finish with the uncached metrics and one warning each, and the next run reads what
+    was stored."""
+    from conftest import evaluate_in_process
+
+    data = tmp_path / "data"
+    write_benchmark(data, "voc21", num_images=3, size=(64, 96))
+    base = [*tiny_inproc, f"data_root={data}"]
+    (plain,) = evaluate_in_process(base, tmp_path / "plain")
+    fs = small_fs(1200)
+    if space == "none":
+        _fill_up(fs)
+    cache = fs / "trunks"
+    for i, hits in enumerate((0, 1) if space == "some" else (0, 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sclip_lab"):
+            (rec,) = evaluate_in_process([*base, f"trunk_cache={cache}"], tmp_path / f"run{i}")
+        assert len(_trunk_cache_warnings(caplog.text)) == 1, caplog.text
+        assert "No space left on device" in caplog.text
+        assert rec["status"] == "finished" and rec["metrics"] == plain["metrics"]
+        assert rec["per_class_iou"] == plain["per_class_iou"]
+        assert rec["timings"]["trunk_cache_hits"] == hits
+    stored = list(cache.rglob("*.safetensors"))
+    assert len(stored) == (space == "some") and not [p for p in stored if p.name[0] == "."]
+
+
+def test_a_full_disk_under_the_trunk_cache_from_the_command_line(tiny, tmp_path, small_fs):
+    from conftest import cli, evaluate_in_process
+
+    data = tmp_path / "data"
+    write_benchmark(data, "voc21", num_images=3, size=(64, 96))
+    base = [*tiny, "logger=none", f"data_root={data}"]
+    (plain,) = evaluate_in_process(base, tmp_path / "plain")
+    cache = small_fs(1200) / "trunks"
+    done = cli("run", *base, f"trunk_cache={cache}", f"hydra.run.dir={tmp_path / 'cli'}")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "Traceback" not in out, out[-3000:]
+    assert len(_trunk_cache_warnings(out)) == 1, out[-3000:]
+    (record,) = finished_records(tmp_path / "cli")
+    assert json.loads(record.read_text())["metrics"] == plain["metrics"]
+
+
+# ------------------------------------------- a broken variant never costs the good ones
+
+
+def _fill_disk(path: Path) -> None:
+    """Write zeros under ``path`` until its filesystem is full."""
+    import os
+
+    fd = os.open(path / f".filler-{len(list(path.iterdir()))}", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _no_temp_files(root: Path) -> list[Path]:
+    """Files a crash could leave half-written: atomic temporaries and figure parts."""
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".filler")
+            and (p.name.endswith(".part") or (p.name.startswith(".") and "-" in p.name))]
+
+
+VARIANT_CASES = {  # id -> (variants, the broken entry, what its failed.json says)
+    "first-knob": (['local kernel=4', "csa", "sharpen temperature=2"], "local kernel=4",
+                   "kernel=4 is out of range"),
+    "middle-option": (["csa", "attention=nosuch", "sharpen temperature=2"], "attention=nosuch",
+                      "nosuch"),
+    "last-shared-key": (["csa", "sharpen temperature=2", "csa dataset=context59"],
+                        "csa dataset=context59", "changes dataset"),
+}
+
+
+def _variants_override(entries: list[str]) -> str:
+    return "variants=[" + ",".join(f"'{e}'" for e in entries) + "]"
+
+
+@pytest.mark.parametrize("case", list(VARIANT_CASES))
+def test_a_broken_variant_fails_alone(world, tmp_path, capsys, monkeypatch, case):
+    entries, broken, why = VARIANT_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    argv = _run_argv(world, tmp_path, "logger=none", _variants_override(entries))
+    assert invoke("run", argv) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"1 of 3 variants failed: [{broken}]" in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    records = finished_records(tmp_path / "run")
+    assert len(records) == 2  # the good ones, evaluated in one pass and recorded
+    failed = sorted((tmp_path / "run").rglob("failed.json"))
+    assert len(failed) == 1 and why in json.loads(failed[0].read_text())["error"]
+
+
+def test_every_variant_broken_is_one_user_error(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = _run_argv(world, tmp_path, "logger=none",
+                     _variants_override(["local kernel=4", "sharpen temperature=-1"]))
+    assert invoke("run", argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "every variant is broken" in errors[0], err[-2000:]
+    assert not finished_records(tmp_path)
+
+
+def test_a_broken_variant_in_a_sweep_job(world, tmp_path, capsys, monkeypatch):
+    """The sweep's other job and the job's good variants finish; the sweep exits 1 and
+    lists the broken variant's failed.json."""
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep"
+    argv = ["-m", *world["model"], f"data_root={world['good']}", "num_workers=0",
+            "logger=none", "seed=0,1", f"hydra.sweep.dir={sweep}",
+            _variants_override(["local kernel=4", "csa"])]
+    assert invoke("run", argv) == 1
+    err = capsys.readouterr().err
+    assert "2 job(s)/variant(s) of this sweep failed" in err and "kernel=4" in err, err[-2000:]
+    assert len(finished_records(sweep)) == 2
+    assert sorted(p.parent.parent.name for p in sweep.rglob("failed.json")) == ["0", "1"]
+
+
+# ------------------------------------------------------- full disks and the record
+
+
+def test_a_record_that_cannot_be_written_is_one_error(world, tmp_path, capsys, monkeypatch,
+                                                      small_fs):
+    """The disk fills while the metrics are computed: one error line, exit 2, no record
+    and no temporary left, no logging traceback from the run's log file."""
+    import sclip_lab.run as run
+
+    monkeypatch.chdir(tmp_path)
+    disk = small_fs(256)
+    real = run.build_record
+
+    def build_then_fill(*args, **kwargs):
+        _fill_disk(disk)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "build_record", build_then_fill)
+    argv = [*world["model"], f"data_root={world['good']}", "num_workers=0", "logger=none",
+            f"hydra.run.dir={disk / 'run'}", "save_overlays=1"]
+    assert invoke("run", argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "cannot write the record in" in errors[0], err[-2000:]
+    assert "free space" in errors[0] and "No space left on device" in errors[0]
+    assert "Traceback" not in err and "Logging error" not in err
+    assert not list(disk.rglob("result.json")) and not _no_temp_files(disk)
+
+
+def test_figures_that_cannot_be_written_keep_the_record(world, tmp_path, capsys, monkeypatch,
+                                                        small_fs):
+    """The record is written before the per-class table and the overlays: a disk that
+    is full after it costs one warning, and the run succeeds."""
+    import sclip_lab.run as run
+
+    monkeypatch.chdir(tmp_path)
+    disk = small_fs(256)
+    real = run.save_record
+
+    def save_then_fill(*args, **kwargs):
+        path = real(*args, **kwargs)
+        _fill_disk(disk)
+        return path
+
+    monkeypatch.setattr(run, "save_record", save_then_fill)
+    argv = [*world["model"], f"data_root={world['good']}", "num_workers=0", "logger=none",
+            f"hydra.run.dir={disk / 'run'}", "save_overlays=2"]
+    assert invoke("run", argv) == 0
+    captured = capsys.readouterr()
+    err = captured.err + captured.out
+    assert err.count("could not write") == 1 and "the record is complete" in err, err[-2000:]
+    assert "Traceback" not in err and "Logging error" not in err
+    (record,) = finished_records(disk)
+    assert json.loads(record.read_text())["metrics"]["mIoU"] >= 0
+    assert not list(disk.rglob("overlay_*")) and not _no_temp_files(disk)
+
+
+def test_a_record_on_a_full_disk_in_process(tiny_inproc, tmp_path, small_fs):
+    from conftest import evaluate_in_process
+
+    from sclip_lab.errors import UserError
+
+    data = tmp_path / "data"
+    write_benchmark(data, "voc21", num_images=1, size=(64, 64))
+    disk = small_fs(128)
+    (disk / "run").mkdir()
+    _fill_disk(disk)
+    with pytest.raises(UserError, match="cannot write the record in .*free space"):
+        evaluate_in_process([*tiny_inproc, f"data_root={data}"], disk / "run")
+    assert not list(disk.rglob("result.json")) and not _no_temp_files(disk)
+
+
+# ------------------------------------------------------------------------- interrupts
+
+
+@pytest.fixture(scope="module")
+def slow_world(tmp_path_factory, world):
+    """40 images, enough that a run is still in its loop when the signal comes."""
+    root = tmp_path_factory.mktemp("slow")
+    write_benchmark(root, "voc21", num_images=40, size=(256, 320))
+    return root
+
+
+def _interrupt(world, slow_world, tmp_path, signum, *extra) -> tuple[int, str]:
+    """Start ``run``, wait for its progress bar, send ``signum`` to its process group (as a
+    terminal's Ctrl-C does, DataLoader workers included) -> (exit code, stderr)."""
+    import os
+    import subprocess
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sclip_lab.run", *extra, *world["model"],
+         f"data_root={slow_world}", "logger=none"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = ""
+    deadline = time.time() + 300
+    while not re.search(r"\b[1-9]\d*/40\b", seen) and time.time() < deadline:
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+    assert proc.poll() is None, f"the run ended before the signal: {seen[-3000:]}"
+    os.killpg(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, seen + err + out
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signame,workers,code", [("SIGINT", 2, 130), ("SIGTERM", 0, 143)])
+def test_an_interrupted_run_ends_in_one_line(world, slow_world, tmp_path, signame, workers,
+                                             code):
+    import signal
+
+    run_dir = tmp_path / "run"
+    rc, log = _interrupt(world, slow_world, tmp_path, getattr(signal, signame),
+                         f"num_workers={workers}", f"hydra.run.dir={run_dir}",
+                         f"trunk_cache={tmp_path / 'trunks'}")
+    assert rc == code, log[-3000:]
+    lines = [line for line in log.splitlines() if line.startswith("interrupted: ")]
+    assert len(lines) == 1 and " of 40 images; nothing recorded" in lines[0], log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert not list(run_dir.rglob("result.json")) and not _no_temp_files(tmp_path)
+
+
+@pytest.mark.e2e
+def test_an_interrupted_sweep_ends_in_one_line(world, slow_world, tmp_path):
+    import signal
+
+    sweep = tmp_path / "sweep"
+    rc, log = _interrupt(world, slow_world, tmp_path, signal.SIGINT, "-m", "seed=0,1",
+                         "num_workers=0", f"hydra.sweep.dir={sweep}")
+    assert rc == 130, log[-3000:]
+    assert sum(line.startswith("interrupted: ") for line in log.splitlines()) == 1
+    assert "Traceback" not in log and not list(sweep.rglob("result.json"))
+    assert not list(sweep.rglob("failed.json"))  # an interrupt is not a failed job
+
+
+# ------------------------------------------- predict: any size, any vocabulary, no waste
+
+
+def test_predict_refuses_a_vocabulary_beyond_the_palette_before_the_model(
+        world, tmp_path, capsys, monkeypatch):
+    """257 classes cannot be a palette PNG: refused before the image, model or text
+    encoder are touched (it used to compute, then fail in the PNG writer)."""
+    from sclip_lab import predict
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the palette check")
+
+    monkeypatch.setattr(predict, "segmenter_from_config", loaded)
+    monkeypatch.setattr(predict.data, "read_image", loaded)
+    classes = "[" + ",".join(f"c{i}" for i in range(300)) + "]"
+    out = tmp_path / "p.png"
+    assert invoke("predict", [*world["model"], f"image={world['image']}", f"output={out}",
+                              f"classes={classes}", f"hydra.run.dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: 300 classes do not fit" in err and "at most 256" in err
+    assert not out.exists()
+
+
+def test_predict_never_builds_full_size_logits_unless_asked(world, tmp_path, monkeypatch):
+    """Without ``logits=`` the prediction is stitched and reduced in row blocks (here
+    forced to several): the full-size stitch never runs, and the PNG equals the one of the
+    full-size path that ``logits=`` takes."""
+    import numpy as np
+    from PIL import Image
+
+    from sclip_lab import segment
+
+    base = [*world["model"], f"image={world['image']}", "classes=[cat, dog, 'grass, lawn']",
+            f"hydra.run.dir={tmp_path}"]
+    full, blocked = tmp_path / "full.png", tmp_path / "blocked.png"
+    assert invoke("predict", [*base, f"output={full}", f"logits={tmp_path / 'l.npy'}"]) == 0
+    monkeypatch.setattr(segment, "CHUNK_ELEMENTS", 4 * 64 * 5)
+    monkeypatch.setattr(segment, "STITCH_ELEMENTS", 4 * 64 * 20)
+
+    def full_size(*a, **k):
+        raise AssertionError("predict built the full-size logits")
+
+    monkeypatch.setattr(segment, "stitch_windows", full_size)
+    assert invoke("predict", [*base, f"output={blocked}"]) == 0
+    assert np.array_equal(np.asarray(Image.open(blocked)), np.asarray(Image.open(full)))
+
+
+# ------------------------------------------- prepare on a full disk (a real small tmpfs)
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_archive(small_fs, tmp_path, capsys):
+    import zipfile
+
+    from test_prepare import cityscapes_zips, incompressible, make_zip
+
+    zips = tmp_path / "zips"
+    cityscapes_zips(zips)
+    images = zips / "leftImg8bit_trainvaltest.zip"
+    with zipfile.ZipFile(images) as zf:
+        files = {i.filename: zf.read(i) for i in zf.infolist()}
+    images.write_bytes(make_zip({**files, **incompressible()}))
+    root = small_fs(256) / "data"
+    assert invoke("prepare", ["cityscapes", f"data_root={root}", f"from={zips}"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and len(errors[0]) <= MAX_LINE, captured.err[-2000:]
+    assert errors[0].startswith("error: no space left on the device: need 0.000")
+    assert "damaged" not in errors[0] and "Traceback" not in captured.err + captured.out
+    assert images.is_file() and not list(root.rglob(".sclip_ready.*"))

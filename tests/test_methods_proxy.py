@@ -145,6 +145,39 @@ def test_attention_masks_negatives_and_shares_the_mean_per_window():
     assert masked.any() and (a[masked] == 0).all() and (a[~masked] > 0).all()
 
 
+def test_the_hard_mask_turns_tiny_feature_errors_into_large_logit_errors(enc, queries):
+    """Why the proxies must reproduce the official features exactly (tests/test_proxy.py:
+    bitwise, with explicit attention). A feature error of 2e-4, what timm's fused attention
+    kernel gave on a COCO photo with DINO, flips a few pairs across ProxyCLIP's S < 0 cut:
+    each flip adds or removes a whole softmax term, so the attention jumps by ~1e-2 where
+    the same error with the mask held fixed moves it by ~3e-5, and the logits move by
+    ~3e-2, thousands of times the 1e-5 tolerance against the official code that exact
+    features meet."""
+    images = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    feats = proxy_feats(1, 24, (12, 12))
+    error = 2e-4 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(9))
+
+    def scores(f):  # custom_attn's (S − β·mean S)·γ, before the cut
+        f = F.normalize(f.flatten(2), dim=1)
+        s = f.transpose(1, 2) @ f
+        return (s - 1.2 * s.mean()) * 3.0
+
+    keep = scores(feats) >= 0
+    flipped = keep != (scores(feats + error) >= 0)
+    assert 1 <= int(flipped.sum()) <= 10  # a handful of 20736 pairs
+    fixed = [scores(f).masked_fill(~keep, float("-inf")).softmax(-1)
+             for f in (feats, feats + error)]
+    assert (fixed[1] - fixed[0]).abs().max() < 1e-4  # smooth: the error's own size
+    jump = proxy_attention(feats + error, 3.0, 1.2) - proxy_attention(feats, 3.0, 1.2)
+    assert jump.abs().max() > 1e-2
+    exact, trunk = lab_logits(enc, images, feats, queries)
+    off, _ = lab_logits(enc, images, feats + error, queries)
+    with torch.no_grad():
+        ref = official_logits(enc, trunk.x, feats, queries.float(), trunk.grid)
+    torch.testing.assert_close(exact, ref, atol=ATOL, rtol=RTOL)
+    assert (off - ref).abs().max() > 100 * ATOL
+
+
 def test_identical_features_keep_each_token_instead_of_nan():
     """All features alike: every official score is negative (NaN rows there); ours keeps
     each token on itself."""

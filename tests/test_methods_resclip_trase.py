@@ -278,9 +278,10 @@ def official_attention_sfr(labels, std, delete_same_entity=True):
     return out
 
 
-def official_resclip_sfr(enc, images, queries, k):
+def official_resclip_sfr(enc, images, queries, k, logit_scale=40.0):
     """ResCLIP's last block with RCS (``k['rcs']``) and SFR, window by window; returns the
-    block output ``(B, N, D)`` and each window's patch labels."""
+    block output ``(B, N, D)`` and each window's patch labels. ``logit_scale``: what
+    ``resclip_segmentor.py`` L75 passes, its own ``self.logit_scale`` (40 by default)."""
     x, maps = official_trunk_maps(enc, images)
     block = enc.visual.transformer.resblocks[-1]
     q, kk, v, s = heads_of(block, block.ln_1(x))
@@ -311,7 +312,7 @@ def official_resclip_sfr(enc, images, queries, k):
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         logits = official_pamr(images[b:b + 1], logits, k["sfr_pamr_steps"],
                                k["sfr_pamr_dilations"])
-        probs = torch.softmax(logits[0] * 40, dim=0)
+        probs = torch.softmax(logits[0] * logit_scale, dim=0)
         patch_labels = official_patch_matrix(probs, n_patches, k["temp_thd"])
         attn_sfr = official_attention_sfr(patch_labels, k["sfr_sigma"],
                                           k["delete_same_entity"])
@@ -345,6 +346,37 @@ def test_resclip_sfr_matches_the_official_two_pass_block(enc, images, queries, c
         want = (feats @ queries.T).permute(0, 2, 1).reshape(2, -1, 6, 7)
     assert len(labels[0].unique()) > 1  # the feedback is not trivial (window 2: flat)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+def test_sfr_classifies_at_the_segmenters_logit_scale(enc, images, queries):
+    """The official segmentor hands SFR its own logit scale (``resclip_segmentor.py`` L75):
+    40 under protocol=resclip, but under SCLIP's protocol the dataset's (VOC21: 65), which
+    the segmenter passes through ``AttentionInputs.logit_scale``."""
+    from sclip_lab import segment
+    from sclip_lab.pipeline import Head, Preprocess, Segmenter
+
+    assert resolved("attention=resclip")["dataset"]["logit_scale"] == 65.0  # VOC21, SCLIP's
+    assert resolved("attention=resclip", "protocol=resclip")["dataset"]["logit_scale"] == 40.0
+    knobs = {**SFR, "temp_thd": 0.8}  # a threshold the scale moves some pixels across
+    head = Head(build_last_block(knobs, None, enc))
+    post = segment.PostProcess(torch.arange(5), 5, 65.0, 0.0, None)
+    seg = Segmenter(enc, [head], queries, post, Preprocess(96, None, 32))  # whole windows
+    with torch.no_grad():
+        windows = seg.window_logits(seg.encode_heads(list(images), [head]), 2, head)
+        got = torch.stack([w[(0, 96, 0, 112)] for w in windows])
+        want = {}
+        for scale in (65.0, 40.0):
+            tokens, labels = official_resclip_sfr(enc, images, queries, knobs, scale)
+            feats = enc.visual.ln_post(tokens[:, 1:]) @ enc.visual.proj
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            want[scale] = ((feats @ queries.T).permute(0, 2, 1).reshape(2, -1, 6, 7), labels)
+    torch.testing.assert_close(got, want[65.0][0], atol=ATOL, rtol=RTOL)
+    assert not torch.equal(want[65.0][1][0], want[40.0][1][0])  # the scale moves labels
+    assert (want[65.0][0] - want[40.0][0]).abs().max() > 100 * ATOL
+    with torch.no_grad():  # a caller without a scale: the official default, 40
+        alone = enc.logits(seg.encode_heads(list(images[:1]), [head])[0].trunk, head.last,
+                           queries)
+    torch.testing.assert_close(alone, want[40.0][0][:1], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("grid,delete", [((6, 7), True), ((5, 3), True), ((6, 7), False)])

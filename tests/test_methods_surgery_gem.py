@@ -68,7 +68,7 @@ def h0(enc, images):
         return enc.embed(images)[0]
 
 
-def lab(enc, images, section, queries=None):
+def lab(enc, images, section, queries=None, query_class=None):
     """The lab's last-block output (or logits) for ``section``, on a trunk that keeps the
     hidden states the built variant declares."""
     last = build_last_block(section, None, enc)
@@ -76,7 +76,7 @@ def lab(enc, images, section, queries=None):
         trunk = enc.trunk(images, last.early_layers, last.hidden_layers)
         assert trunk.grid == (6, 7)
         if queries is not None:
-            return enc.logits(trunk, last, queries)
+            return enc.logits(trunk, last, queries, query_class=query_class)
         return enc.last_block(trunk, last)
 
 
@@ -205,6 +205,9 @@ def test_feature_surgery_matches_the_official_readout(enc, images, h0):
     want = sim[:, 1:].transpose(1, 2).reshape(2, 5, 6, 7)
     got = lab(enc, images, {"name": "surgery", "depth": 3}, queries)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    # one query per class, said explicitly: the same official computation
+    torch.testing.assert_close(lab(enc, images, {"name": "surgery", "depth": 3}, queries,
+                                   torch.arange(5)), want, atol=ATOL, rtol=RTOL)
     plain = lab(enc, images, {"name": "surgery", "depth": 3, "feature_surgery": False}, queries)
     cos = (feats[:, 1:] @ queries.T).transpose(1, 2).reshape(2, 5, 6, 7)
     torch.testing.assert_close(plain, cos, atol=ATOL, rtol=RTOL)
@@ -213,6 +216,56 @@ def test_feature_surgery_matches_the_official_readout(enc, images, h0):
     weighted = cos * (p / p.mean(-1, keepdim=True))[:, :, None, None]
     assert torch.equal(got.argmax(1), weighted.argmax(1))
     torch.testing.assert_close(got.mean(1), torch.zeros(2, 6, 7), atol=1e-6, rtol=0)
+
+
+SYNONYMS = [0, 1, 1, 1, 2, 3, 3, 4]  # query i+1 ... copies: class 1 three times, 3 twice
+
+
+def with_synonyms(queries):
+    """Five class queries -> eight, class 1's and class 3's repeated as synonyms, and the
+    query -> class map (ordered by class, as the vocabularies are)."""
+    return queries[SYNONYMS], torch.tensor(SYNONYMS)
+
+
+def test_feature_surgery_runs_over_classes_not_queries(enc, images):
+    """Repeating a class's query (a synonym that says the same) changes no class's logits:
+    the softmax and the class means count each query for its share of its class. Counted
+    over queries (the official rule, which has no synonyms), class 1's weight would triple
+    and every class's logits would move."""
+    queries = F.normalize(torch.randn(5, enc.visual.proj.shape[1],
+                                      generator=torch.Generator().manual_seed(2)), dim=-1)
+    section = {"name": "surgery", "depth": 3}
+    one = lab(enc, images, section, queries, torch.arange(5))  # (B, 5, 6, 7)
+    many, owner = with_synonyms(queries)
+    got = lab(enc, images, section, many, owner)  # (B, 8, 6, 7)
+    torch.testing.assert_close(got, one[:, SYNONYMS], atol=1e-6, rtol=1e-5)
+    counted = lab(enc, images, section, many)  # no map: every query its own class
+    assert (counted - one[:, SYNONYMS]).abs().max() > 1e-2
+    plain = {**section, "feature_surgery": False}  # the cosine never depended on it
+    torch.testing.assert_close(lab(enc, images, plain, many, owner),
+                               lab(enc, images, plain, queries)[:, SYNONYMS])
+
+
+def test_the_segmenter_gives_the_readout_its_query_classes(enc):
+    """Through the pipeline: a vocabulary with repeated synonyms gives the class logits
+    and the class map of the one without."""
+    from sclip_lab import segment
+    from sclip_lab.pipeline import Head, Preprocess, Segmenter
+
+    queries = F.normalize(torch.randn(5, enc.visual.proj.shape[1],
+                                      generator=torch.Generator().manual_seed(3)), dim=-1)
+    many, owner = with_synonyms(queries)
+    head = Head(build_last_block({"name": "surgery", "depth": 2}, None, enc))
+    image = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(4))
+    out = []
+    for q, classes in ((queries, torch.arange(5)), (many, owner)):
+        post = segment.PostProcess(classes, 5, 40.0, 0.0, None)
+        seg = Segmenter(enc, [head], q, post, Preprocess(64, 64, 32))
+        logits = seg.logits_many([image], [(64, 96)])[0][0]  # (Q, 64, 96)
+        out.append((segment.synonym_max(logits, classes, 5), segment.predict_classes(
+            logits, post)))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[1][1], out[0][1])
 
 
 def test_surgery_depth_one_is_the_last_block_approximation(enc, images):
@@ -356,7 +409,8 @@ def test_run_configs_compose_and_build(enc, overrides, params):
 def test_surgery_defaults_and_text_set():
     cfg = resolved("attention=surgery", "text=surgery85")
     assert cfg["attention"] == {"name": "surgery", "depth": 6, "feature_surgery": True,
-                                "residual": None, "ffn": None, "alpha": None}
+                                "residual": None, "ffn": None, "alpha": None,
+                                "pos_embed": "bilinear"}
     assert resolved("attention=gem")["attention"]["depth"] == 6
     tmpl = get_templates(cfg["text"]["templates"])
     assert len(tmpl) == 85 and tmpl[:80] == get_templates("openai_imagenet")

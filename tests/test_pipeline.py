@@ -115,3 +115,46 @@ def test_evaluation_records_equal_the_pre_fusion_loop(name, tiny_inproc, tmp_pat
     assert len(new) == len(old) == 2
     for a, b in zip(new, old):
         assert a["metrics"] == b["metrics"] and a["per_class_iou"] == b["per_class_iou"]
+
+
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_class_map_equals_classes_of_the_full_logits(tiny_checkpoint, monkeypatch, blocks):
+    """predict's path (Segmenter.class_map: stitched and reduced in row blocks) gives
+    ``classes(logits(image))`` on every pixel without ever building the full-size logits,
+    thresholds and synonyms included; a PAMR head takes the full-size path."""
+    seg, _ = build_segmenter(
+        model={"arch": TINY, "pretrained": str(tiny_checkpoint)},
+        attention={"name": "csa"}, projection=None,
+        preprocess={"short_side": 96, "window": 64, "stride": 32}, postprocess=None,
+        classes=["sky, cloud", "cat", "dog", "grass, lawn, field"], logit_scale=40,
+        device="cpu", precision="fp32", batch_size=4, cache_dir=None)
+    image = np.random.default_rng(3).integers(0, 255, (210, 150, 3), dtype=np.uint8)
+    full = seg.logits(image)
+    q = full.shape[0]  # 7 queries
+    if blocks == "many":  # row blocks whose edges fall inside the windows
+        monkeypatch.setattr(segment, "CHUNK_ELEMENTS", q * 150 * 10)
+        monkeypatch.setattr(segment, "STITCH_ELEMENTS", q * 150 * 30)
+    stitch = segment.stitch_blocks
+    sizes = []
+
+    def spy(*args):
+        for rows, block in stitch(*args):
+            sizes.append(block.numel())
+            yield rows, block
+
+    def full_size(*args, **kwargs):
+        raise AssertionError("class_map built the full-size logits")
+
+    monkeypatch.setattr(segment, "stitch_blocks", spy)
+    monkeypatch.setattr(segment, "stitch_windows", full_size)
+    for prob, area in [(0.0, None), (0.2, 0.1)]:
+        seg.post = segment.PostProcess(seg.post.query_class, 4, 40.0, prob, area)
+        got = seg.class_map(image)
+        assert got.shape == (210, 150) and got.dtype == torch.int64
+        assert torch.equal(got, seg.classes(full))
+    assert max(sizes) <= (q * 210 * 150 if blocks == "one" else q * 150 * 30)
+    assert len(sizes) == 3 * (1 if blocks == "one" else 7)  # 3 passes (area: a second)
+    monkeypatch.undo()
+    seg.heads = [build_head({"name": "csa"}, None, {"name": "pamr", "steps": 2,
+                                                    "dilations": [1, 2]}, seg.encoder)]
+    assert torch.equal(seg.class_map(image), seg.classes(seg.logits(image)))

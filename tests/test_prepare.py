@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -562,6 +563,91 @@ def test_prepare_damaged_archive(tmp_path):
     with pytest.raises(DataError, match="neither a zip nor a tar|damaged"):
         prepare.prepare("cityscapes", tmp_path / "data", source_dir=tmp_path / "zips",
                         say=quiet)
+
+
+# --- a full disk is the disk's fault, never the archive's (real tmpfs, small_fs) ---------------
+
+EXTRACT = sys.modules["sclip_lab.prepare.extract"]  # ``prepare.extract`` is the function
+
+
+def incompressible(n: int = 4, kib: int = 100) -> dict[str, bytes]:
+    """``n`` members of ``kib`` KiB of random bytes under leftImg8bit/val/ (and a README)."""
+    rng = np.random.default_rng(0)
+    files = {f"leftImg8bit/val/city/city_{i:06d}_leftImg8bit.png": rng.bytes(kib << 10)
+             for i in range(n)}
+    return {"README": b"x", **files}
+
+
+def fill(folder: Path) -> None:
+    """Write zeros under ``folder`` until its filesystem is full."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(1 << 16)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.name != "filler"]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_extract_refuses_upfront_what_the_free_space_cannot_hold(small_fs, tmp_path, kind):
+    """400 KiB of declared members, a 256 KiB filesystem: one line before anything is
+    written, with what is needed and free where, and the archive is kept."""
+    fs = small_fs(256)
+    archive = tmp_path / f"images.{kind}"
+    archive.write_bytes((make_zip if kind == "zip" else make_tar)(incompressible()))
+    with pytest.raises(DataError) as err:
+        prepare.extract(archive, fs / "cityscapes", ("leftImg8bit/val/",))
+    message = str(err.value)
+    assert re.fullmatch(r"no space left on the device: need 0\.00041 GB, free 0\.000\d+ GB at "
+                        + re.escape(str(fs / "cityscapes")) + r"; free space or set data_root=… "
+                        r"to a larger disk, then prepare again", message), message
+    assert archive.is_file() and not files_under(fs)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_disk_filled_during_extraction_keeps_the_archive(small_fs, tmp_path, kind,
+                                                          monkeypatch):
+    """The declared sizes fit, then the disk fills up (another writer): the write error
+    is reported as no space, never as a damaged archive, and no half-written file stays."""
+    fs = small_fs(1024)
+    archive = tmp_path / f"images.{kind}"
+    archive.write_bytes((make_zip if kind == "zip" else make_tar)(incompressible()))
+    check = EXTRACT.check_space
+
+    def then_fill(dest, members):
+        check(dest, members)
+        fill(fs)
+
+    monkeypatch.setattr(EXTRACT, "check_space", then_fill)
+    with pytest.raises(DataError) as err:
+        prepare.extract(archive, fs / "cityscapes", ("leftImg8bit/val/",))
+    message = str(err.value)
+    assert message.startswith(f"no space left on the device: free 0 GB at {fs / 'cityscapes'}"
+                              f" while extracting {archive.name} (kept: it is not damaged)")
+    assert "delete" not in message and archive.is_file() and not files_under(fs)
+
+
+def test_prepare_on_a_full_disk_marks_nothing(small_fs, tmp_path, monkeypatch):
+    """Through ``prepare``: the user's login-gated zip is kept, and neither the extraction
+    record nor the ready marker is written."""
+    zips = tmp_path / "zips"
+    cityscapes_zips(zips)
+    images = zips / "leftImg8bit_trainvaltest.zip"
+    with zipfile.ZipFile(images) as zf:
+        files = {i.filename: zf.read(i) for i in zf.infolist()}
+    images.write_bytes(make_zip({**files, **incompressible()}))
+    root = small_fs(256) / "data"
+    section = section_of("cityscapes", expected_images=2)
+    with pytest.raises(DataError, match="no space left on the device: need"):
+        prepare.prepare("cityscapes", root, source_dir=zips, section=section, say=quiet)
+    assert images.is_file() and not list(root.rglob("*.extracted.json"))
+    assert not list(root.rglob(".sclip_ready.*"))
 
 
 # --- the catalogue: conf/dataset/*.yaml prepare: sections -----------------------------------

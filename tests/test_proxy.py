@@ -5,11 +5,12 @@ plain dict, DINOv2's with ``register_tokens``/``mask_token`` and the CLS row in
 ``pos_embed``, MAE's ``{"model": ...}``, SAM's ``image_encoder.``/``mlp.lin1`` names) and
 loaded through ``load_proxy``. Its features are compared with an independent functional
 transcription of the official forward (``ref_vit``, ``ref_sam``: official key names,
-official pos-embed rules, no timm). Full ViT-B sizes are used with small windows (DINO
-B/16 with 4 of its blocks: its path is B/8's); SAM's exact path runs a reduced encoder (3
-blocks, width 96, 64-px input, 3-token windows, same key names) through
-``load_proxy(arch_kwargs=...)``, since ViT-B at 1024² takes minutes on a CPU; the full SAM
-ViT-B file is loaded and run for one block at 1024².
+official pos-embed rules, explicit attention, no timm): bitwise for the ViTs, whose
+attention runs explicitly as the official code's (timm's fused kernel is not bitwise).
+Full ViT-B sizes are used with small windows (DINO B/16 with 4 of its blocks: its path is
+B/8's); SAM's exact path runs a reduced encoder (3 blocks, width 96, 64-px input, 3-token
+windows, same key names) through ``load_proxy(arch_kwargs=...)``, since ViT-B at 1024²
+takes minutes on a CPU; the full SAM ViT-B file is loaded and run for one block at 1024².
 """
 
 from __future__ import annotations
@@ -245,14 +246,24 @@ def ref_sam(sd: dict, image: torch.Tensor, *, heads: int, window: int, global_id
 
 
 def _images(b: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw images in [0, 1] and the same CLIP-normalised (what the pipeline feeds CLIP)."""
-    img = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
-    return img, (img - CLIP_MEAN) / CLIP_STD
+    """(image in [0, 1], the same CLIP-normalised: what the pipeline feeds CLIP). The image
+    is the one the official code recovers from the CLIP-normalised crop (ProxyCLIP L79:
+    un-normalised with CLIP's statistics), so both paths start from the same numbers."""
+    raw = torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    windows = (raw - CLIP_MEAN) / CLIP_STD
+    return windows * CLIP_STD + CLIP_MEAN, windows
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape, (a.shape, b.shape)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+
+
+def _exact(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bitwise equal: explicit attention in the official order of operations leaves nothing
+    to round differently (the fused kernel is ~1e-6 off here, ~2e-4 on a photo)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.equal(a, b), (a - b).abs().max()
 
 
 # ------------------------------------------------------------------------ official paths
@@ -269,7 +280,7 @@ def test_vit_features_equal_the_official_path(loaded, files, name, patch, rule, 
     img, windows = _images(2, *size)
     out = loaded[name](windows)
     assert out.shape == (2, 768, size[0] // patch, size[1] // patch)  # (rows, cols), not swapped
-    _close(out, ref_vit(_weights(files[name]), img, patch=patch, rule=rule))
+    _exact(out, ref_vit(_weights(files[name]), img, patch=patch, rule=rule))
 
 
 def test_native_square_grid_keeps_the_table(loaded, files):
@@ -277,7 +288,7 @@ def test_native_square_grid_keeps_the_table(loaded, files):
     img, windows = _images(1, 224, 224)
     b16 = P.load_proxy({"name": "dino_vitb16", "pretrained": str(files["dino_vitb16"]),
                         "layer": 1}, arch_kwargs=B16)
-    _close(b16(windows), ref_vit(_weights(files["dino_vitb16"]), img, patch=16, rule="dino",
+    _exact(b16(windows), ref_vit(_weights(files["dino_vitb16"]), img, patch=16, rule="dino",
                                  layer=1))
 
 
@@ -288,7 +299,7 @@ def test_non_square_shape_b8(files):
     img, windows = _images(1, 224, 336)
     out = b8(windows)
     assert out.shape == (1, 768, 28, 42)
-    _close(out, ref_vit(_weights(files["dino_vitb8"]), img, patch=8, rule="dino", layer=1))
+    _exact(out, ref_vit(_weights(files["dino_vitb8"]), img, patch=8, rule="dino", layer=1))
 
 
 def test_earlier_layer_is_that_blocks_output_after_the_final_norm(files):
@@ -296,7 +307,7 @@ def test_earlier_layer_is_that_blocks_output_after_the_final_norm(files):
                       "layer": 3})
     assert b.layer == 3 and b.identity["layer"] == 3
     img, windows = _images(1, 28, 42)
-    _close(b(windows), ref_vit(_weights(files["dinov2_vitb14_reg"]), img, patch=14,
+    _exact(b(windows), ref_vit(_weights(files["dinov2_vitb14_reg"]), img, patch=14,
                                rule="dinov2_reg", layer=3))
 
 
@@ -307,7 +318,7 @@ def test_mae_official_square_resize(files):
     img, windows = _images(2, 32, 48)
     out = b(windows)
     assert out.shape == (2, 768, 4, 4) and b.grid(32, 48) == (4, 4)
-    _close(out, ref_vit(_weights(files["mae_vitb16"]), img, patch=16, rule="mae",
+    _exact(out, ref_vit(_weights(files["mae_vitb16"]), img, patch=16, rule="mae",
                         input_size=64))
 
 
@@ -335,6 +346,31 @@ def test_sam_full_vitb_file_at_1024(files):
     assert out.shape == (1, 256, 64, 64)
     _close(out, ref_sam(torch.load(files["sam_vitb"], weights_only=True), img, heads=12,
                         window=14, global_idx=[2, 5, 8, 11], input_size=1024, layer=1))
+
+
+def test_attention_is_explicit_and_the_fused_kernel_would_differ(loaded, files):
+    """Every timm attention of every proxy (SAM's too) computes softmax(q kᵀ·s) v itself, as
+    the official code; with timm's fused kernel back on, the features are no longer the
+    official ones: the exact comparisons above are what catch it."""
+    sam = P.load_proxy({"name": "sam_vitb", "pretrained": str(files["sam_small"]),
+                        "input_size": 64}, arch_kwargs=SAM_SMALL)
+    for b in [*loaded.values(), sam]:
+        switches = [m for m in b.modules() if hasattr(m, "fused_attn")]
+        assert len(switches) == len(b.model.blocks) and not any(m.fused_attn for m in switches)
+    b = loaded["dino_vitb8"]
+    img, windows = _images(2, 32, 48)
+    ref = ref_vit(_weights(files["dino_vitb8"]), img, patch=8, rule="dino")
+    _exact(b(windows), ref)
+    try:
+        for m in b.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = True
+        fused = b(windows)
+    finally:
+        assert P.explicit_attention(b.model) == 12
+    assert not torch.equal(fused, ref) and (fused - ref).abs().max() < 1e-4
+    with pytest.raises(AssertionError, match="no timm attention"):
+        P.explicit_attention(torch.nn.Linear(2, 2))  # a renamed switch is a loud bug
 
 
 def test_renormalisation(loaded):
@@ -377,7 +413,7 @@ def test_dino_training_checkpoint(tmp_path, files):
     b = P.load_proxy({"name": "dino_vitb16", "pretrained": str(path), "layer": 1},
                      arch_kwargs=B16)
     img, windows = _images(1, 32, 32)
-    _close(b(windows), ref_vit(sd, img, patch=16, rule="dino", layer=1))
+    _exact(b(windows), ref_vit(sd, img, patch=16, rule="dino", layer=1))
 
 
 def test_identity_and_precision(files):

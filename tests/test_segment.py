@@ -264,3 +264,72 @@ def test_pamr_matches_transcription():
     # a constant map is a fixed point (weights sum to one)
     const = torch.ones(2, 23, 31)
     torch.testing.assert_close(segment.pamr(img, const, 5, (8, 16)), const)
+
+
+# ------------------------------------------------- row-block stitching (predict at any size)
+
+
+def tied_windows(boxes, q, seed, grid=16):
+    """Window logits ``(q, gh, gw)`` per box with ties planted before stitching: query 2
+    copies query 0 in every window, query q-1 copies query 1 in half of them, and one
+    window holds every query equal."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, (y1, y2, x1, x2) in enumerate(boxes):
+        low = torch.randn(q, (y2 - y1) // grid, (x2 - x1) // grid, generator=gen) * 0.1
+        low[2] = low[0]
+        if n % 2:
+            low[q - 1] = low[1]
+        if n == len(boxes) // 2:
+            low[:] = 0.2
+        out[(y1, y2, x1, x2)] = low
+    return out
+
+
+# (resized h, w, window, stride, original size): several windows and a resize up; a
+# non-square downsize; a whole-image window; a portrait with the identity resize.
+LAYOUTS = [(168, 224, 112, 56, (187, 250)), (125, 165, 112, 56, (60, 49)),
+           (112, 150, 224, 112, (151, 201)), (224, 168, 112, 56, (224, 168))]
+
+
+@pytest.mark.parametrize("h,w,crop,stride,size", LAYOUTS)
+def test_one_stitch_block_is_stitch_windows_bit_for_bit(h, w, crop, stride, size):
+    windows = tied_windows(segment.window_boxes(h, w, crop, stride), 21, seed=h + w)
+    blocks = list(segment.stitch_blocks(windows, h, w, size))
+    assert len(blocks) == 1 and blocks[0][0] == slice(0, size[0])
+    assert torch.equal(blocks[0][1], segment.stitch_windows(windows, h, w, size))
+
+
+@pytest.mark.parametrize("h,w,crop,stride,size", LAYOUTS)
+@pytest.mark.parametrize("parts", [3, 10])  # block edges inside the windows
+def test_stitched_class_maps_equal_the_full_size_path(h, w, crop, stride, size, parts,
+                                                      monkeypatch):
+    """predict's path (stitch and reduce in row blocks) gives the class map of the
+    full-size logits on every pixel, ties (lowest index), synonyms and thresholds
+    included, and never holds more than one block of logits."""
+    owner = [0, 0, 1, 2, 2, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 10, 11, 12, 13, 14, 15]
+    budget = len(owner) * size[0] * size[1] // parts
+    monkeypatch.setattr(segment, "CHUNK_ELEMENTS", budget // 4)
+    monkeypatch.setattr(segment, "STITCH_ELEMENTS", budget)
+    windows = tied_windows(segment.window_boxes(h, w, crop, stride), len(owner), seed=h)
+    full = segment.stitch_windows(windows, h, w, size)
+    blocks = [(rows, b.clone()) for rows, b in segment.stitch_blocks(windows, h, w, size)]
+    chunk_starts = {c.start for c in segment.row_chunks(*full.shape)}
+    assert len(blocks) > 2 and all(b.numel() <= budget for _, b in blocks)
+    assert [r for rows, _ in blocks for r in range(size[0])[rows]] == list(range(size[0]))
+    assert {rows.start for rows, _ in blocks} <= chunk_starts  # whole reduction chunks
+    torch.testing.assert_close(torch.cat([b for _, b in blocks], 1), full, rtol=0, atol=1e-6)
+    for scale, prob, area in [(40.0, 0.0, None), (65.0, 0.1, None), (40.0, 0.2, 0.05)]:
+        p = pp(owner, max(owner) + 1, scale=scale, prob=prob, area=area)
+        want = pre_fusion_predict(full, p)
+        assert torch.equal(segment.classes_of_blocks(
+            lambda: segment.stitch_blocks(windows, h, w, size), tuple(full.shape), p), want)
+
+
+def test_stitch_blocks_bound_the_memory_of_a_large_image(monkeypatch):
+    """A 1200×900 image of 21 queries under an 8 M-logit budget (two reduction chunks):
+    no block comes near the (Q, H, W) size."""
+    monkeypatch.setattr(segment, "STITCH_ELEMENTS", 1 << 23)
+    windows = tied_windows(segment.window_boxes(336, 448, 224, 112), 21, seed=5)
+    sizes = [b.numel() for _, b in segment.stitch_blocks(windows, 336, 448, (900, 1200))]
+    assert sum(sizes) == 21 * 900 * 1200 and max(sizes) <= 1 << 23 and len(sizes) == 3

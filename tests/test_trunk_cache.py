@@ -235,3 +235,152 @@ def test_only_a_rounding_cache_enters_the_result_key(cache, dtype, precision, lo
     assert lossy_trunk_cache(config) is lossy
     assert (result_key(config) != result_key({"model": {"arch": "a"},
                                               "precision": precision})) is lossy
+
+
+# ------------------------------------------- never costs a run, owns only its own files
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def _rust_no_space(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                          "(os error 28)")
+
+
+@pytest.mark.parametrize("stage", ["marker", "mkdir", "manifest", "rename", "entry-oserror",
+                                   "entry-safetensors"])
+def test_a_failing_write_of_any_kind_is_one_warning(enc, heads, resized, tmp_path,
+                                                    monkeypatch, caplog, stage):
+    import os
+
+    import safetensors.torch
+
+    import sclip_lab.trunk_cache as tc
+
+    want = segmenter(enc, heads[:1]).logits_many(resized, SIZES)
+    target = {"marker": (Path, "write_text"), "mkdir": (Path, "mkdir"),
+              "manifest": (tc, "write_json_atomic"), "rename": (os, "replace"),
+              "entry-oserror": (safetensors.torch, "save_file"),
+              "entry-safetensors": (safetensors.torch, "save_file")}[stage]
+    monkeypatch.setattr(*target, _rust_no_space if stage == "entry-safetensors" else _no_space)
+    root = tmp_path / "trunks"
+    with caplog.at_level(logging.WARNING, logger="sclip_lab"):
+        seg = cached(segmenter(enc, heads[:1]), root)  # opening: marker, folder, manifest
+        got = [seg.logits_many([r], [s]) for r, s in zip(resized, SIZES)]  # two stores
+    assert all(torch.equal(got[i][0][0], want[0][i]) for i in range(2))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "cannot write" in warned[0], warned
+    assert "No space left on device" in warned[0] and "Error while" not in warned[0]
+    assert seg.trunk_cache.misses == 2 and "stored nothing new" in seg.trunk_cache.summary()
+    assert not entries(root) and not [p for p in root.rglob(".*") if p.is_file()]
+
+
+def test_a_full_disk_keeps_the_entries_it_has(enc, heads, resized, small_fs, caplog):
+    """A real 36 KiB filesystem: the marker, the manifest and the first image's entry fit,
+    the second does not; the run goes on uncached for it, and later runs read the first."""
+    want = segmenter(enc, heads[:1]).logits_many(resized, SIZES)
+    root = small_fs(36) / "trunks"
+    for hits in (0, 1):
+        caplog.clear()
+        seg = cached(segmenter(enc, heads[:1]), root)
+        with caplog.at_level(logging.WARNING, logger="sclip_lab"):
+            got = [seg.logits_many([r], [s]) for r, s in zip(resized, SIZES)]
+        assert all(torch.equal(got[i][0][0], want[0][i]) for i in range(2))
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and "No space left on device" in warned[0], warned
+        assert (seg.trunk_cache.hits, len(entries(root))) == (hits, 1)
+    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "list", "other-schema", "empty"])
+def test_a_damaged_manifest_heals_with_one_warning(enc, heads, resized, tmp_path, caplog,
+                                                  capsys, damage):
+    cache = tmp_path / "trunks"
+    cached(segmenter(enc, heads[:1]), cache).logits_many(resized[:1], SIZES[:1])
+    (manifest,) = cache.glob("*/manifest.json")
+    good = manifest.read_text()
+    manifest.write_text({"garbage": "\x00\xff not json", "truncate": good[:len(good) // 2],
+                         "list": "[1, 2]", "other-schema": json.dumps({"arch": "x"}),
+                         "empty": ""}[damage])
+    assert cache_cli(["info", str(cache)]) == 0  # says so, and that a run rewrites it
+    assert "manifest.json missing or damaged" in capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="sclip_lab"):
+        seg = cached(segmenter(enc, heads[:1]), cache)
+        seg.logits_many(resized[:1], SIZES[:1])
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "rewriting the damaged manifest" in warned[0], warned
+    assert manifest.read_text() == good and seg.trunk_cache.hits == 1  # entries kept
+    assert cache_cli(["info", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 on cpu, short side 64, window 64, stride 32, stored float32" in out
+    assert "?" not in out and "None" not in out
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sclip_lab"):
+        cached(segmenter(enc, heads[:1]), cache)  # healed: no warning again
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("content", ["user-file", "user-folder", "user-readme"])
+def test_a_folder_of_other_files_is_not_adopted(enc, tmp_path, content):
+    from sclip_lab.errors import ConfigError
+    from sclip_lab.trunk_cache import check_cache_dir
+
+    root = tmp_path / "mine"
+    if content == "user-folder":
+        (root / "photos").mkdir(parents=True)
+    else:
+        root.mkdir()
+        (root / ("notes.txt" if content == "user-file" else "README.txt")).write_text("mine")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    for check in (lambda: check_cache_dir(root),
+                  lambda: open_cache(root, "fp32", enc, INFO, asdict(PREP))):
+        with pytest.raises(ConfigError, match="is a folder of other files .* not a trunk "
+                                              "cache; give an empty or new folder"):
+            check()
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing added
+
+
+def test_an_empty_missing_or_own_folder_is_adopted(enc, heads, resized, tmp_path):
+    from sclip_lab.trunk_cache import check_cache_dir
+
+    (tmp_path / "empty").mkdir()
+    for name in ("empty", "missing"):
+        assert check_cache_dir(tmp_path / name) == tmp_path / name
+        cached(segmenter(enc, heads[:1]), tmp_path / name).logits_many(resized[:1], SIZES[:1])
+    own = tmp_path / "empty"
+    (own / "notes.txt").write_text("a user's file in a cache: the cache stays its own")
+    check_cache_dir(own)
+    seg = cached(segmenter(enc, heads[:1]), own)
+    seg.logits_many(resized[:1], SIZES[:1])
+    assert seg.trunk_cache.hits == 1
+    # a writer's temporary marker (a parallel job opening the cache) is the cache's own
+    other = tmp_path / "racing"
+    other.mkdir()
+    (other / ".README-ab12_cd3.txt").write_text("sclip_lab trunk cache (")
+    check_cache_dir(other)
+
+
+def test_clear_deletes_only_what_the_cache_wrote(enc, heads, resized, tmp_path, capsys):
+    cache = tmp_path / "trunks"
+    seg = cached(segmenter(enc, heads[:1]), cache)
+    seg.logits_many(resized, SIZES)
+    folder = seg.trunk_cache.folder
+    (folder / f".{'0' * 32}-x1y2{SUFFIX}").write_bytes(b"\x00")  # a killed writer's file
+    (cache / ".README-k1ll3d.txt").write_text("half a marker")
+    mine = [cache / "notes.txt", cache / "photos" / "a.jpg", folder / "keep.safetensors",
+            folder / "results.json"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("a user's")
+    assert cache_cli(["clear", str(cache)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "removed 2 entries" in out[0] and "kept 4 file(s)" in out[0], out
+    assert "notes.txt" in out[0] and "photos" in out[0]
+    assert sorted(p for p in cache.rglob("*") if p.is_file()) == sorted(mine)
+    assert cache_cli(["clear", str(cache)]) == 2  # no marker left: no longer a cache
+    assert "is not a trunk cache" in capsys.readouterr().err
+    assert all(p.read_text() == "a user's" for p in mine)

@@ -34,15 +34,16 @@ def slug(overrides: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", overrides).strip("-") or "default"
 
 
-def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compose=None
-                    ) -> list[tuple[str, DictConfig]]:
+def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compose=None, *,
+                    keep_broken: bool = False) -> list[tuple[str, DictConfig | ConfigError]]:
     """``[(label, config)]``: the job's own config, or one per variant entry.
 
     Each entry (default: ``cfg.variants``) is a string of overrides, ``"attention=local
     kernel=5"`` (or ``"local kernel=5"``), composed on top of this job's overrides; variants
     may change only attention, projection, their knobs, the proxy backbone and
     post-processing (what comes after the shared trunk). ``compose(overrides) -> config``
-    defaults to Hydra's.
+    defaults to Hydra's. A broken entry raises its ``ConfigError``; with ``keep_broken``
+    the error takes the config's place, so that one bad entry does not cost the others.
     """
     entries = cfg.get("variants") if entries is None else entries
     if not entries:
@@ -56,16 +57,27 @@ def variant_configs(cfg: DictConfig, entries: Sequence[str] | None = None, compo
     out = []
     for entry in entries:
         try:
-            vcfg = compose(variant_overrides(entry))
-        except Exception as e:  # Hydra's own errors name the unknown group or option
-            raise ConfigError(f"variant '{entry}': {str(e).splitlines()[0]}") from None
-        for key in SHARED_KEYS:
-            if OmegaConf.select(vcfg, key) != OmegaConf.select(cfg, key):
-                raise ConfigError(f"variant '{entry}' changes {key}; variants may only change "
-                                  f"{', '.join(VARIANT_KEYS)} and their knobs — sweep {key} "
-                                  "as separate jobs")
-        out.append((str(entry), vcfg))
+            out.append((str(entry), _variant_config(cfg, str(entry), compose)))
+        except ConfigError as e:
+            if not keep_broken:
+                raise
+            out.append((str(entry), e))
     return out
+
+
+def _variant_config(cfg: DictConfig, entry: str, compose) -> DictConfig:
+    try:
+        vcfg = compose(variant_overrides(entry))
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra's own errors name the unknown group or option
+        raise ConfigError(f"variant '{entry}': {str(e).splitlines()[0]}") from None
+    for key in SHARED_KEYS:
+        if OmegaConf.select(vcfg, key) != OmegaConf.select(cfg, key):
+            raise ConfigError(f"variant '{entry}' changes {key}; variants may only change "
+                              f"{', '.join(VARIANT_KEYS)} and their knobs — sweep {key} "
+                              "as separate jobs")
+    return vcfg
 
 
 def _compose_variant(hydra_compose, config_name: str, base: list[str], overrides: list[str]):

@@ -4,11 +4,15 @@ without a result, says so and exits 1)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from sclip_lab.config import CONF_DIR
 from sclip_lab.errors import (
     EXIT_FAILED_JOBS,
     EXIT_USER_ERROR,
+    Interrupted,
+    PartialFailure,
     UserError,
     check_config,
     message_of,
@@ -39,14 +45,16 @@ class _Guarded:
         functools.update_wrapper(self, task)
 
     def __call__(self, cfg: Any) -> Any:
+        log_files_fail_once()
         try:
             check_config(cfg)
             return self.task(cfg)
         except UserError as e:
             report(e)
             if not _in_multirun():
-                sys.exit(EXIT_USER_ERROR)
-            _mark_job_failed(e)
+                sys.exit(e.exit_code)
+            if not isinstance(e, PartialFailure):  # its variants have their failed.json
+                _mark_job_failed(e)
         except Exception as e:
             if not _in_multirun():
                 e.__sclip_task__ = True  # type: ignore[attr-defined]  # a bug: keep its traceback
@@ -55,6 +63,24 @@ class _Guarded:
             log.exception("job failed")
             _mark_job_failed(e)
         return None
+
+
+def log_files_fail_once() -> None:
+    """A log file that cannot be written (a full disk) is one warning, not logging's
+    "--- Logging error ---" traceback at every line; the console log goes on."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = functools.partial(_log_file_failed, handler)
+
+
+def _log_file_failed(handler: logging.FileHandler, record: logging.LogRecord) -> None:
+    if getattr(handler, "sclip_failed", False):
+        return
+    handler.sclip_failed = True  # type: ignore[attr-defined]
+    error = sys.exc_info()[1]
+    why = getattr(error, "strerror", None) or error
+    print(f"warning: cannot write the log file {handler.baseFilename} ({why}); the console "
+          "shows everything, records are written as usual", file=sys.stderr, flush=True)
 
 
 def _in_multirun() -> bool:
@@ -134,6 +160,29 @@ def unknown_knob_message(key: str) -> str:
     return variant.unknown_knob(key)
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interrupts_as_one_line():
+    """Ctrl-C (SIGINT) and SIGTERM end the command with one line and exit 130 / 143, not a
+    traceback. Files in progress are temporary ones (``files.atomic_target``), removed on
+    the way out, so nothing half-written is left; finished records stay."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as e:
+        stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+        print(stop.line(), file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def hydra_entry(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[], Any]]:
     """``@hydra.main`` with the lab's error policy.
 
@@ -149,8 +198,12 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[
         def entry() -> Any:
             # Hydra then raises instead of printing its own multi-line report and exit 1.
             os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+            if "--verbose" in sys.argv[1:]:  # ours, not Hydra's: the libraries' full texts
+                sys.argv.remove("--verbose")
+                os.environ["SCLIP_VERBOSE"] = "1"
             try:
-                return hydra_main()
+                with interrupts_as_one_line():
+                    return hydra_main()
             except UserError as e:
                 report(e)
                 sys.exit(EXIT_USER_ERROR)
@@ -158,7 +211,9 @@ def hydra_entry(config_name: str) -> Callable[[Callable[[Any], Any]], Callable[[
                 if getattr(e, "__sclip_task__", False):
                     raise
                 if isinstance(e, OSError) and e.errno is not None:  # not Hydra's own
-                    report(f"cannot create the run directory ({e.strerror}: {e.filename}); "
+                    where = f": {e.filename}" if e.filename else ""
+                    free = "free space or " if e.errno == errno.ENOSPC else ""
+                    report(f"cannot create the run directory ({e.strerror}{where}); {free}"
                            "set hydra.run.dir=<dir> (hydra.sweep.dir=<dir> with -m)")
                 else:
                     report(f"{hydra_message(e)} (see --help for the config groups and keys)")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
 from sclip_lab.attention import ATTENTIONS, DEFAULT_PROJECTION
 from sclip_lab.errors import ConfigError
-from sclip_lab.knobs import BLOCK_KNOBS, record_value
+from sclip_lab.knobs import BLOCK_KNOBS, TRUNK_KNOBS, record_value
 
 log = logging.getLogger("sclip_lab")
 
@@ -29,10 +29,20 @@ def paper_short_side(dataset: str) -> int:
     return PAPER_SHORT_SIDE.get(dataset, 336)
 
 
+_WARNED_WINDOW: set[Any] = set()  # the deprecation warning once per process and value
+
+
 def local_kernel(window: int | None, kernel: int) -> int:
-    """attention=local's size: ``kernel``, or the deprecated top-level ``window=`` if given."""
+    """attention=local's size: ``kernel``, or the deprecated top-level ``window=`` if given.
+
+    Registered without OmegaConf's resolver cache: that cache is keyed by the unresolved
+    argument text (``${window},${kernel}``), so a second composition in the same process
+    (predict, visualize, ``variants=``) would get the first one's value."""
     if window is None:
         return kernel
+    if window in _WARNED_WINDOW:
+        return window
+    _WARNED_WINDOW.add(window)
     log.warning("window=%s names the local attention size by its old name: write kernel=%s "
                 "(window= will go; preprocess.window is the crop)", window, window)
     return window
@@ -112,11 +122,12 @@ def _variant_dir(*, _root_: DictConfig) -> str:
 
 def register_attention_schema() -> None:
     """``attention/base_attention``: the block knobs every attention file extends
-    (``defaults: [base_attention, _self_]``); null = the variant's own block."""
+    (``defaults: [base_attention, _self_]``; null = the variant's own block) and the trunk
+    knob ``pos_embed`` (null = the default rule; a method's preset sets its own)."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(group="attention", name="base_attention",
-                                 node={k.name: None for k in BLOCK_KNOBS})
+                                 node={k.name: None for k in (*BLOCK_KNOBS, *TRUNK_KNOBS)})
 
 
 def register_resolvers() -> None:
@@ -127,8 +138,8 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("variant_dir"):
         OmegaConf.register_new_resolver("variant_dir", _variant_dir)
-    if not OmegaConf.has_resolver("local_kernel"):  # cached: the warning shows once
-        OmegaConf.register_new_resolver("local_kernel", local_kernel, use_cache=True)
+    if not OmegaConf.has_resolver("local_kernel"):  # never cached: see local_kernel
+        OmegaConf.register_new_resolver("local_kernel", local_kernel)
 
 
 def _reads(node: Any, ref: str) -> bool:

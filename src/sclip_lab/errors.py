@@ -6,7 +6,12 @@ a bug in the lab and keeps its traceback (exit code 1). Hydra entry points are w
 ``cli.hydra_entry``; argparse ones call ``report`` themselves. This module is the floor of
 the package: it imports nothing from it.
 
-Exit codes: 0 done, 1 a bug or a sweep with failed jobs, 2 a user error, 130 interrupted.
+Exit codes: 0 done, 1 a bug, a sweep with failed jobs or a run with failed variants, 2 a
+user error, 130 / 143 interrupted (SIGINT / SIGTERM).
+
+An error line stays short (``MAX_LINE``): our words for the cause and the fix. A library's
+own long explanation is kept out of it and shown only with ``--verbose`` (or
+``SCLIP_VERBOSE=1``, or ``HYDRA_FULL_ERROR=1`` set by the user).
 """
 
 from __future__ import annotations
@@ -25,10 +30,63 @@ log = logging.getLogger("sclip_lab")
 
 EXIT_USER_ERROR = 2
 EXIT_FAILED_JOBS = 1
+MAX_LINE = 300  # characters of an error line; the rest only with --verbose
+# Read before cli.hydra_entry sets HYDRA_FULL_ERROR for its own use: only the user's counts.
+_USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 class UserError(Exception):
-    """A problem with the user's input; the message is one line that names the fix."""
+    """A problem with the user's input; the message is one line that names the fix.
+
+    ``detail``: a library's own text behind it (printed only with ``--verbose``)."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, message: str = "", detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail
+
+
+class PartialFailure(UserError):
+    """Some variants of a run failed (each has its failed.json), the others finished."""
+
+    exit_code = EXIT_FAILED_JOBS
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: the command ends with one line and exit code 128 + signal.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` (a
+    sweep job's failure guard) turns a user's Ctrl-C into a failed job that goes on."""
+
+    def __init__(self, signum: int, progress: str = ""):
+        super().__init__(signum, progress)
+        self.signum = signum
+        self.progress = progress
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def line(self) -> str:
+        done = f"{self.progress}; " if self.progress else ""
+        return (f"interrupted: {done}nothing recorded for the unfinished variants; rerun "
+                "the same command to evaluate them (records already written are kept)")
+
+
+def verbose() -> bool:
+    """Whether the user asked for libraries' full messages and tracebacks."""
+    return ("--verbose" in sys.argv[1:] or os.environ.get("SCLIP_VERBOSE") == "1"
+            or _USER_FULL_ERROR)
+
+
+def brief(error: BaseException, limit: int = 100) -> str:
+    """A library error in a few words for an error line: its type and first sentence,
+    cut to ``limit`` characters (the whole text is for ``--verbose``)."""
+    text = message_of(error)
+    first = re.split(r"(?<=[.;:])\s", text, maxsplit=1)[0].rstrip(".;:")
+    first = first if len(first) <= limit else first[:limit - 1].rstrip() + "…"
+    return f"{type(error).__name__}: {first}"
 
 
 class ConfigError(UserError, ValueError):
@@ -47,10 +105,27 @@ def message_of(error: BaseException) -> str:
     return " ".join(lines) if lines else type(error).__name__
 
 
+def short_line(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` within ``limit`` characters: its start and its end (where the fix is),
+    the middle elided."""
+    if len(text) <= limit:
+        return text
+    hint = " … (--verbose: the whole message) … "
+    head = (limit - len(hint)) * 2 // 3
+    return text[:head].rstrip() + hint + text[-(limit - len(hint) - head):].lstrip()
+
+
 def report(error: BaseException | str) -> None:
-    """Print ``error: <message>`` on stderr (once: the console log does not repeat it)."""
+    """Print ``error: <message>`` on stderr (once: the console log does not repeat it),
+    within ``MAX_LINE`` characters unless ``--verbose``; then a library's own text."""
     text = error if isinstance(error, str) else message_of(error)
-    print(f"error: {text}", file=sys.stderr, flush=True)
+    loud = verbose()
+    print(f"error: {text if loud else short_line(text)}", file=sys.stderr, flush=True)
+    if loud and isinstance(error, BaseException):
+        detail = getattr(error, "detail", None) or (
+            message_of(error.__cause__) if error.__cause__ is not None else None)
+        if detail:
+            print(f"detail: {detail}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------- config checks

@@ -11,6 +11,10 @@ Every variant also accepts the block knobs (``BLOCK_KNOBS``): ``residual``, ``ff
 
     x' = (x + alpha·o) if residual else alpha·o
     x' = x' + MLP(LN2(x')) if ffn
+
+and the trunk knob (``TRUNK_KNOBS``): ``pos_embed``, how the trunk resizes the position
+table to another patch grid (``sclip_lab.pos_embed``). Heads of different rules read
+different trunk passes; it enters a result key only where it is not the default.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 
 from sclip_lab.errors import ConfigError
 from sclip_lab.errors import number as to_number
+from sclip_lab.pos_embed import DEFAULT_POS_EMBED, POS_EMBED_RULES
 
 KINDS = ("int", "float", "bool", "choice", "terms", "floats")
 DEPTH = "depth"  # a knob's ``high``: the model's number of blocks
@@ -149,6 +154,18 @@ BLOCK_KNOBS = (
     Knob("alpha", "float", 1.0, "scale of the attention output o", above=0),
 )
 BLOCK_NAMES = tuple(k.name for k in BLOCK_KNOBS)
+# What every variant accepts about the trunk it reads (null = the default): set by the
+# presets of methods whose official code resizes the position table another way.
+TRUNK_KNOBS = (
+    Knob("pos_embed", "choice", DEFAULT_POS_EMBED, "how the position table is resized to "
+         "another patch grid (docs/protocol.md §1)", choices=POS_EMBED_RULES),
+)
+TRUNK_NAMES = tuple(k.name for k in TRUNK_KNOBS)
+
+
+def bind_trunk(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The trunk knobs of an attention section, checked (null or absent = the default)."""
+    return {k.name: k.bind(section.get(k.name), "attention") for k in TRUNK_KNOBS}
 
 
 @dataclass(frozen=True)
@@ -179,7 +196,8 @@ class Variant:
         output: ``attention`` (fn returns A) or ``tokens`` (fn returns the last block's
             output ``(B, N, D)`` itself: multi-block paths such as CLIP Surgery's).
         readout: ``(feats (B, N, E) unit rows incl. CLS, queries (Q, E), **knobs) ->
-            (B, h·w, Q)`` patch logits, instead of the patches' cosine (logit hooks).
+            (B, h·w, Q)`` patch logits, instead of the patches' cosine (logit hooks); one
+            that names ``query_class`` also gets the ``(Q,)`` class of each query.
         maps: for ``tokens`` variants, ``(inputs, **knobs) -> (B, heads, N, N)``: the last
             block's attention on their path, for figures.
         proxy: reads a proxy backbone's features (``AttentionInputs.proxy``, the ``proxy``
@@ -222,7 +240,7 @@ class Variant:
 
     def knob_list(self) -> str:
         own = ", ".join(k.describe() for k in self.knobs) or "none of its own"
-        return f"{own}; every variant: residual, ffn, alpha"
+        return f"{own}; every variant: residual, ffn, alpha, pos_embed"
 
     def unknown_knob(self, key: str) -> str:
         """The message for ``attention.<key>`` that this variant does not declare."""
@@ -235,7 +253,8 @@ class Variant:
         where = f"attention={self.name}"
         given = {k: v for k, v in section.items() if k != "name"}
         for key in given:
-            if self.knob(key) is None and key not in BLOCK_NAMES and given[key] is not None:
+            if (self.knob(key) is None and key not in (*BLOCK_NAMES, *TRUNK_NAMES)
+                    and given[key] is not None):
                 raise ConfigError(self.unknown_knob(key))
         knobs = {}
         try:
@@ -244,6 +263,7 @@ class Variant:
                 knobs[k.name] = k.bind(given[keys[0]] if keys else None, "attention", depth,
                                        keys[0] if keys else "")
             block = {k.name: k.bind(given.get(k.name), "attention") for k in BLOCK_KNOBS}
+            bind_trunk(given)  # checked here too: build_last_block reads it
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         defaults = self.block_defaults()
@@ -253,7 +273,8 @@ class Variant:
 
     def key_section(self, section: Mapping[str, Any]) -> dict[str, Any]:
         """The attention part of a result key: the name, own knobs as configured (under
-        their record names), block knobs only where they change this variant's block.
+        their record names), block knobs only where they change this variant's block, trunk
+        knobs only where they are not the default.
 
         Old records were keyed by the own knobs alone, so their keys stay valid."""
         out: dict[str, Any] = {"name": self.name}
@@ -266,6 +287,10 @@ class Variant:
                     float(value) != float(defaults[key]) if key == "alpha"
                     else value != defaults[key]):
                 out[key] = value
+        for knob in TRUNK_KNOBS:
+            value = section.get(knob.name)
+            if value is not None and value != knob.default:
+                out[knob.name] = value
         return out
 
 

@@ -10,7 +10,6 @@ unchanged (``trunk``), then the last block with a registered attention variant
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -31,9 +30,10 @@ from sclip_lab.attention import (
     softmax_attention,
 )
 from sclip_lab.console import quiet_open_clip
-from sclip_lab.errors import UserError
+from sclip_lab.errors import UserError, brief
 from sclip_lab.files import file_digest
 from sclip_lab.knobs import Variant, call_with
+from sclip_lab.pos_embed import DEFAULT_POS_EMBED, interpolate_pos_embed
 from sclip_lab.precision import advise as advise_precision
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], bool]:
         else:
             sd, jit = torch.load(path, map_location="cpu", weights_only=True), False
     except Exception as e:  # noqa: BLE001 - any decoding failure means "not a checkpoint"
-        raise ModelError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "pass an open_clip or OpenAI CLIP ViT weights file") from None
+        raise ModelError(f"{path} is not a readable checkpoint ({brief(e)}); pass an "
+                         "open_clip or OpenAI CLIP ViT weights file", detail=str(e)) from None
     if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
@@ -161,9 +161,9 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
                                        force_quick_gelu=quick_gelu and built == arch
                                        and not arch.endswith("-quickgelu"))
     except RuntimeError as e:
-        raise ModelError(f"could not get weights '{pretrained}' for {built} ({e}); without hub "
-                         "access pass a local file: model.pretrained=/path/to/ViT-B-16.pt"
-                         ) from None
+        raise ModelError(f"could not get weights '{pretrained}' for {built} ({brief(e)}); "
+                         "without hub access pass a local file: model.pretrained=/path/to/"
+                         "ViT-B-16.pt", detail=str(e)) from None
     if not isinstance(getattr(model, "visual", None), open_clip.transformer.VisionTransformer):
         raise ModelError(f"{arch} has no open_clip VisionTransformer tower; use a ViT config")
     if state is not None:
@@ -202,24 +202,6 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path, arch: st
 # ------------------------------------------------------------------------ dense forward
 
 
-def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``(1 + g², D)`` table -> ``(1 + h·w, D)`` for another grid (CLS row kept).
-
-    Bicubic with ``scale_factor = ((h + 0.1)/g, (w + 0.1)/g)`` as in the reference code
-    (DINO's rule): the +0.1 makes the floor of the output size land on (h, w).
-    """
-    n = pos.shape[0] - 1
-    g = int(math.sqrt(n))
-    if grid == (g, g):
-        return pos
-    cls, patches = pos[:1], pos[1:]
-    patches = patches.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches, scale_factor=((grid[0] + 0.1) / g, (grid[1] + 0.1) / g),
-                            mode="bicubic", align_corners=False)
-    assert tuple(patches.shape[-2:]) == grid, (patches.shape, grid)
-    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(-1, pos.shape[1]).to(pos.dtype)])
-
-
 @dataclass
 class TrunkOutput:
     """Blocks 1…depth−1 applied to a window batch.
@@ -231,6 +213,7 @@ class TrunkOutput:
         hidden: layer l -> ``(B, N, D)`` stream after block l (0: after ln_pre).
         images: ``(B, 3, H, W)`` the normalised windows themselves (crop-level refinement).
         proxy: proxy spec -> ``(B, C, Hv, Wv)`` that proxy backbone's window features.
+        pos_embed: the position-embedding rule it was embedded by (heads read their own).
     """
 
     x: Tensor
@@ -239,6 +222,7 @@ class TrunkOutput:
     hidden: dict[int, Tensor] = field(default_factory=dict)
     images: Tensor | None = None
     proxy: dict[Any, Tensor] = field(default_factory=dict)
+    pos_embed: str = DEFAULT_POS_EMBED
 
     def select(self, start: int, stop: int) -> TrunkOutput:
         """Windows ``start:stop`` of the batch."""
@@ -246,7 +230,7 @@ class TrunkOutput:
             return {k: v[start:stop] for k, v in d.items()}
         return TrunkOutput(self.x[start:stop], self.grid, rows(self.early), rows(self.hidden),
                            None if self.images is None else self.images[start:stop],
-                           rows(self.proxy))
+                           rows(self.proxy), self.pos_embed)
 
     @staticmethod
     def cat(parts: Sequence[TrunkOutput]) -> TrunkOutput:
@@ -257,7 +241,7 @@ class TrunkOutput:
         images = None if any(p.images is None for p in parts) else torch.cat(
             [p.images for p in parts])
         return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid, join("early"),
-                           join("hidden"), images, join("proxy"))
+                           join("hidden"), images, join("proxy"), parts[0].pos_embed)
 
 
 @dataclass(frozen=True)
@@ -273,6 +257,7 @@ class LastBlock:
     ffn: bool | None = None
     alpha: float = 1.0
     proxy: Any = None  # the proxy spec whose features it reads (TrunkOutput.proxy key)
+    pos_embed: str = DEFAULT_POS_EMBED  # the trunk it reads: its position-embedding rule
 
     @property
     def keeps_residual(self) -> bool:
@@ -302,23 +287,26 @@ class DenseEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """``(B, 3, H, W)`` -> tokens ``(B, 1 + h·w, D)`` after ln_pre, and the grid."""
+    def embed(self, images: Tensor, pos_embed: str = DEFAULT_POS_EMBED
+              ) -> tuple[Tensor, tuple[int, int]]:
+        """``(B, 3, H, W)`` -> tokens ``(B, 1 + h·w, D)`` after ln_pre, and the grid; the
+        position table resized to the grid by the rule ``pos_embed``."""
         v = self.visual
         x = v.conv1(images.to(self.dtype))  # (B, D, h, w)
         grid = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # (B, h·w, D)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(v.positional_embedding, grid
-                                                               ).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(
+            v.positional_embedding, grid, pos_embed).to(x.dtype)
         return v.ln_pre(x), grid
 
     def trunk(self, images: Tensor, early_layers: Sequence[int] = (),
-              hidden_layers: Sequence[int] = ()) -> TrunkOutput:
+              hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
+              ) -> TrunkOutput:
         """Blocks 1…depth−1 on ``(B, 3, H, W)``, keeping the attention maps of ``early_layers``
         (1-indexed; ``depth`` means the last block's own vanilla map, computed in ``head``)
         and the stream after each of ``hidden_layers`` (0: the embedding after ln_pre)."""
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, pos_embed)
         early, hidden = {}, {}
         if 0 in hidden_layers:
             hidden[0] = x
@@ -329,7 +317,7 @@ class DenseEncoder(nn.Module):
             x = block(x)
             if i in hidden_layers:
                 hidden[i] = x
-        return TrunkOutput(x, grid, early, hidden, images)
+        return TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
 
     def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, h·w, E)`` L2-normalised patch features (CLS dropped) after ``last``'s block."""
@@ -339,12 +327,15 @@ class DenseEncoder(nn.Module):
         """``(B, N, D)`` block output -> ``(B, N, E)`` unit features (ln_post, proj)."""
         return F.normalize((self.visual.ln_post(tokens) @ self.visual.proj).float(), dim=-1)
 
-    def last_inputs(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None
-                    ) -> AttentionInputs:
+    def last_inputs(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None,
+                    logit_scale: float | None = None) -> AttentionInputs:
         """What the last block's attention variant sees: LN1 output, per-head q/k/v with
         in_proj biases, the grid, borrowed maps (the last block's own vanilla map too),
-        hidden states, the blocks, and for two-pass methods the text queries, the windows'
-        pixels and the readout."""
+        hidden states, the blocks, and for two-pass methods the text queries, the
+        segmenter's logit scale, the windows' pixels and the readout."""
+        if trunk.pos_embed != last.pos_embed:  # a bug of the caller, never a user's input
+            raise ValueError(f"a head of pos_embed={last.pos_embed} was given a trunk embedded "
+                             f"by {trunk.pos_embed}; run the trunk with its rule")
         block = self.visual.transformer.resblocks[-1]
         z = block.ln_1(trunk.x)
         q, k, v = attention_qkv(block, z)
@@ -355,43 +346,51 @@ class DenseEncoder(nn.Module):
                        "alpha": last.alpha}
         return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
                                self.visual.transformer.resblocks, block_knobs, queries,
-                               trunk.images, self.features, trunk.proxy.get(last.proxy))
+                               trunk.images, self.features, trunk.proxy.get(last.proxy),
+                               logit_scale)
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
         return last.attention(self.last_inputs(trunk, last))
 
-    def last_block(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None
-                   ) -> Tensor:
+    def last_block(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None,
+                   logit_scale: float | None = None) -> Tensor:
         """``(B, N, D)`` output of the last block under ``last``'s attention (before ln_post);
-        ``queries`` ``(Q, E)`` reach variants that read the text (two-pass methods)."""
+        ``queries`` ``(Q, E)`` and ``logit_scale`` reach variants that read the text
+        (two-pass methods)."""
         block = self.visual.transformer.resblocks[-1]
         x = trunk.x
-        inputs = self.last_inputs(trunk, last, queries)
+        inputs = self.last_inputs(trunk, last, queries, logit_scale)
         if last.variant.output == "tokens":  # a multi-block path computes its own output
             return call_with(last.variant.fn, inputs, knobs=last.params)
         attn = last.attention(inputs)
         out = block.attn.out_proj(merge_heads(attn.to(inputs.v.dtype) @ inputs.v))
         return around(block, x, out, last.keeps_residual, last.keeps_ffn, last.alpha)
 
-    def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor) -> Tensor:
+    def logits(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor,
+               logit_scale: float | None = None, query_class: Tensor | None = None) -> Tensor:
         """``(B, Q, h, w)`` patch logits (a proxy variant's on its proxy's grid): the cosine
-        with ``queries`` ``(Q, E)``, or the variant's own readout of every token (CLS too)."""
-        feats = self.features(self.last_block(trunk, last, queries))
+        with ``queries`` ``(Q, E)``, or the variant's own readout of every token (CLS too).
+        ``logit_scale``: the segmenter's, for variants that classify inside the block;
+        ``query_class`` ``(Q,)``: each query's class, for readouts over classes."""
+        feats = self.features(self.last_block(trunk, last, queries, logit_scale))
         grid = trunk.proxy[last.proxy].shape[-2:] if last.variant.proxy else trunk.grid
         if last.variant.readout is None:
             return patch_logits(feats[:, 1:], queries, grid)
         scores = call_with(last.variant.readout, feats, queries.float(),
-                           knobs=last.params)  # (B, h·w, Q)
+                           knobs={**last.params, "query_class": query_class})  # (B, h·w, Q)
         return scores.transpose(1, 2).reshape(scores.shape[0], -1, *grid)
 
+    def trunk_for(self, images: Tensor, last: LastBlock) -> TrunkOutput:
+        """``trunk`` with everything ``last`` reads, by its position-embedding rule."""
+        return self.trunk(images, last.early_layers, last.hidden_layers, last.pos_embed)
+
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
-        return self.head(self.trunk(images, last.early_layers, last.hidden_layers), last)
+        return self.head(self.trunk_for(images, last), last)
 
     def pooled(self, images: Tensor, last: LastBlock) -> Tensor:
         """``(B, E)`` CLS output, the quantity open_clip's ``encode_image`` returns."""
-        tokens = self.last_block(self.trunk(images, last.early_layers, last.hidden_layers),
-                                 last)
+        tokens = self.last_block(self.trunk_for(images, last), last)
         return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
 
 

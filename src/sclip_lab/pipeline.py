@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -17,58 +18,15 @@ from torch import Tensor
 from sclip_lab import attention as attn
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError, integer
-from sclip_lab.knobs import BindContext
+from sclip_lab.knobs import BindContext, bind_trunk
 from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section
+from sclip_lab.pos_embed import DEFAULT_POS_EMBED
+from sclip_lab.preprocess import Preprocess
 from sclip_lab.proxy import ProxyBackbone, load_proxy, proxy_spec, window_features
 from sclip_lab.text import classifier, split_queries
 from sclip_lab.trunk_cache import TrunkCache
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize to ``short_side``, then ``window``×``window`` crops every ``stride`` pixels;
-    ``window=None`` is the whole image in one window (NACLIP's VOC protocol)."""
-
-    short_side: int
-    window: int | None = 224
-    stride: int = 112
-
-    def __post_init__(self):
-        integer(self.short_side, "preprocess.short_side", 1)
-        integer(self.stride, "preprocess.stride", 1)
-        if self.window is None:
-            return
-        integer(self.window, "preprocess.window", 1)
-        if self.stride > self.window:
-            raise ConfigError(f"preprocess.stride={self.stride} > preprocess.window="
-                              f"{self.window} would leave pixels no window covers; use a "
-                              "stride ≤ the window")
-        if self.window > self.short_side:
-            log.warning("preprocess.window=%d is larger than the resized short side %d: "
-                        "each image fits in one (smaller) window", self.window,
-                        self.short_side)
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any] | Preprocess) -> Preprocess:
-        if isinstance(section, Preprocess):
-            return section
-        window = section["window"]
-        return cls(integer(section["short_side"], "preprocess.short_side", 1),
-                   None if window is None else integer(window, "preprocess.window", 1),
-                   integer(section["stride"], "preprocess.stride", 1))
-
-    def __call__(self, image: np.ndarray) -> Tensor:
-        """``(H, W, 3)`` uint8 RGB -> ``(3, Hr, Wr)``: the only place the short side is
-        applied (DataLoader workers call it too)."""
-        return segment.preprocess(image, self.short_side)
-
-    def boxes(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
-        """The windows ``(y1, y2, x1, x2)`` of a resized ``height × width`` image."""
-        if self.window is None:
-            return [(0, height, 0, width)]
-        return segment.window_boxes(height, width, self.window, self.stride)
 
 
 def build_refine(section: Mapping[str, Any] | None) -> segment.Refine | None:
@@ -122,7 +80,7 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
         proxy: ``cfg.proxy``, read by proxy variants (ProxyCLIP).
     """
     variant = _variant(attention, projection)
-    knobs, block = variant.bind(attention, encoder.depth)
+    knobs, block = variant.bind(attention, encoder.depth)  # checks the trunk knobs too
     borrowed = tuple(variant.borrows(knobs))
     hidden = tuple(variant.hidden(knobs, encoder.depth))
     spec = proxy_spec(variant, proxy, encoder.depth)
@@ -131,7 +89,8 @@ def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any]
     if variant.prepare is not None:
         block_attn = encoder.visual.transformer.resblocks[-1].attn
         knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
-    return LastBlock(variant, knobs, borrowed, hidden, **block, proxy=spec)
+    return LastBlock(variant, knobs, borrowed, hidden, **block, proxy=spec,
+                     **bind_trunk(attention))
 
 
 @dataclass(frozen=True)
@@ -202,12 +161,29 @@ class Segmenter:
         if spec is not None and spec not in self.proxies:
             self.proxies[spec] = load_proxy(spec, self.device, self.encoder.dtype)
 
+    def head_trunks(self, images: Sequence[Tensor], heads: Sequence[Head]
+                    ) -> Iterator[tuple[Head, list[WindowGroup]]]:
+        """Each of ``heads`` in order with its trunk's window groups: one pass per
+        position-embedding rule, shared by the heads of that rule and dropped after the
+        last of them."""
+        rules = [h.last.pos_embed for h in heads]
+        passes: dict[str, list[WindowGroup]] = {}
+        for i, (head, rule) in enumerate(zip(heads, rules)):
+            if rule not in passes:
+                passes[rule] = self.encode_heads(images, [h for h in heads
+                                                          if h.last.pos_embed == rule])
+            yield head, passes[rule]
+            if rule not in rules[i + 1:]:
+                del passes[rule]
+
     @torch.no_grad()
     def encode_heads(self, images: Sequence[Tensor], heads: Sequence[Head]
                      ) -> list[WindowGroup]:
-        """``encode`` with everything ``heads`` read: borrowed maps, hidden states and the
-        proxies' window features (each proxy once per window, shared by its heads)."""
-        groups = self.encode(images, self.early_layers(heads), self.hidden_layers(heads))
+        """``encode`` with everything ``heads`` (of one position-embedding rule) read:
+        borrowed maps, hidden states and the proxies' window features (each proxy once per
+        window, shared by its heads)."""
+        (rule,) = {h.last.pos_embed for h in heads}
+        groups = self.encode(images, self.early_layers(heads), self.hidden_layers(heads), rule)
         for spec in dict.fromkeys(h.last.proxy for h in heads if h.last.proxy is not None):
             for g in groups:
                 g.trunk.proxy[spec] = window_features(
@@ -223,20 +199,25 @@ class Segmenter:
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
-               hidden_layers: Sequence[int] = ()) -> list[WindowGroup]:
+               hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
+               ) -> list[WindowGroup]:
         """Trunk outputs of every sliding window of ``images`` (each ``(3, Hr, Wr)``),
         batched across images by window size, keeping ``early_layers``' attention maps and
-        ``hidden_layers``' hidden states. With a ``trunk_cache``, images met before are
-        read from it (the same groups and values), the others computed and stored."""
+        ``hidden_layers``' hidden states, embedded by the rule ``pos_embed``. With a
+        ``trunk_cache``, images met before are read from it (the same groups and values;
+        each rule its own entries), the others computed and stored."""
         if self.trunk_cache is None:
-            return self.trunk_pass(images, early_layers, hidden_layers)
-        return [WindowGroup(owners, trunk) for owners, trunk in self.trunk_cache.encode(
-            images, self.prep.boxes, early_layers, hidden_layers, self.trunk_pass,
-            self.device)]
+            return self.trunk_pass(images, early_layers, hidden_layers, pos_embed)
+        tag = "" if pos_embed == DEFAULT_POS_EMBED else f"pos_embed={pos_embed}"
+        return [WindowGroup(owners, replace(trunk, pos_embed=pos_embed))
+                for owners, trunk in self.trunk_cache.encode(
+                    images, self.prep.boxes, early_layers, hidden_layers,
+                    partial(self.trunk_pass, pos_embed=pos_embed), self.device, tag)]
 
     @torch.no_grad()
     def trunk_pass(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
-                   hidden_layers: Sequence[int] = ()) -> list[WindowGroup]:
+                   hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
+                   ) -> list[WindowGroup]:
         """``encode`` without the cache: blocks 1…depth−1 on every window."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
@@ -248,20 +229,23 @@ class Segmenter:
             parts = []
             for start in range(0, len(members), self.batch_size):
                 crops = self.crops(images, members[start:start + self.batch_size])
-                parts.append(self.encoder.trunk(crops, early_layers, hidden_layers))
+                parts.append(self.encoder.trunk(crops, early_layers, hidden_layers,
+                                                pos_embed))
             groups.append(WindowGroup(members, TrunkOutput.cat(parts)))
         return groups
 
     @torch.no_grad()
     def window_logits(self, groups: Sequence[WindowGroup], num_images: int, head: Head
                       ) -> list[dict[tuple[int, int, int, int], Tensor]]:
-        """Per image, box -> ``(Q, gh, gw)`` patch-grid logits under ``head``'s last block."""
+        """Per image, box -> ``(Q, gh, gw)`` patch-grid logits under ``head``'s last block
+        (``groups``: a trunk of its rule)."""
         windows: list[dict] = [{} for _ in range(num_images)]
         for g in groups:
             for start in range(0, len(g.owners), self.batch_size):
                 chunk = g.owners[start:start + self.batch_size]
                 trunk = g.trunk.select(start, start + len(chunk))
-                logits = self.encoder.logits(trunk, head.last, self.queries)
+                logits = self.encoder.logits(trunk, head.last, self.queries,
+                                             self.post.logit_scale, self.post.query_class)
                 for (i, box), logit in zip(chunk, logits):
                     windows[i][box] = logit
         return windows
@@ -286,11 +270,11 @@ class Segmenter:
     def iter_heads(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
                    heads: Sequence[Head] | None = None) -> Iterator[list[Tensor]]:
         """Per head, ``[image] -> (Q, H, W)`` logits of preprocessed images; the trunk runs
-        once, and only one head's full-size logits are alive at a time."""
+        once (per position-embedding rule), and only one head's full-size logits are alive
+        at a time."""
         heads = self.heads if heads is None else heads
-        groups = self.encode_heads(resized, heads)
         shapes = [tuple(r.shape[1:]) for r in resized]
-        for head in heads:
+        for head, groups in self.head_trunks(resized, heads):
             yield [self.refined(lg, r, head.refine)
                    for lg, r in zip(self.stitched(groups, shapes, sizes, head), resized)]
 
@@ -302,8 +286,7 @@ class Segmenter:
         alive at a time, stitched (on CPU) into a scratch reused across images and calls,
         and reduced block by block without a second full-size tensor."""
         heads = self.heads if heads is None else heads
-        groups = self.encode_heads(resized, heads)
-        for head in heads:
+        for head, groups in self.head_trunks(resized, heads):
             maps = []
             for windows, r, size in zip(self.window_logits(groups, len(resized), head),
                                         resized, sizes):
@@ -345,6 +328,23 @@ class Segmenter:
             size = image.shape[:2]
             resized = self.prep(image)
         return self.logits_many([resized], [tuple(size)], self.heads[:1])[0][0]
+
+    @torch.no_grad()
+    def class_map(self, image: np.ndarray) -> Tensor:
+        """``classes(logits(image))``, ``(H, W)`` int64, without the full-size logits: they
+        are stitched and reduced in row blocks (``segment.stitch_blocks``; bit for bit up to
+        ``STITCH_ELEMENTS`` logits), so memory grows with the image only as the class map
+        does. PAMR mixes pixels across rows, so with it the full-size path runs."""
+        head = self.heads[0]
+        if head.refine is not None:
+            return self.classes(self.logits(image))
+        resized = self.prep(image)
+        _, groups = next(self.head_trunks([resized], [head]))
+        windows = self.window_logits(groups, 1, head)[0]
+        q, size = next(iter(windows.values())).shape[0], tuple(image.shape[:2])
+        return segment.classes_of_blocks(
+            lambda: segment.stitch_blocks(windows, *resized.shape[1:], size),
+            (q, *size), self.post, self.device)
 
 
 

@@ -4,6 +4,10 @@ Takes every override of ``sclip_lab.run``; the vocabulary is the dataset's (with
 logit scale and thresholds) or a free list ``classes="[cat, dog, grass]"``. Writes the
 prediction as a palette PNG and, with ``logits=FILE.npy``, the stitched cosine logits
 ``(Q, H, W)`` float32 at the original size, before the logit scale.
+
+Only ``logits=`` and ``postprocess=pamr`` (which mixes pixels across rows) build those
+full-size logits; otherwise they are stitched and reduced in row blocks, so an image of
+any size costs about its class map in memory.
 """
 
 from __future__ import annotations
@@ -33,23 +37,35 @@ def predict(cfg: DictConfig) -> np.ndarray:
         if path.is_dir():
             raise ConfigError(f"{key}={path} is a directory; give a file path")
         check_writable_dir(path.parent, f"{key}={path}: its folder")
-    image = data.read_image(Path(cfg.image))
     classes, scale, prob_thd, area_thd = vocabulary(cfg)
+    check_palette(len(classes), output)
+    image = data.read_image(Path(cfg.image))
     segmenter, info = segmenter_from_config(cfg, classes, scale, prob_thd, area_thd)
-    logits = segmenter.logits(image)
-    pred = segmenter.classes(logits).cpu().numpy()
+    logits = segmenter.logits(image) if cfg.logits else None
+    pred = (segmenter.class_map(image) if logits is None
+            else segmenter.classes(logits)).cpu().numpy()
     with atomic_target(output) as tmp:
         viz.save_palette_png(pred, tmp)
-    if cfg.logits:
+    if logits is not None:
         with atomic_target(cfg.logits) as tmp, open(tmp, "wb") as f:
             np.save(f, logits.cpu().numpy().astype(np.float32))
     names = viz.class_names(classes, has_background=prob_thd > 0)
-    found = {names[c]: int((pred == c).sum()) for c in np.unique(pred)}
+    counts = np.bincount(pred.ravel(), minlength=len(classes))  # O(pixels), no sorted copy
+    found = {names[c]: int(counts[c]) for c in np.flatnonzero(counts)}
     log.info("%s: %s", cfg.image, ", ".join(f"{k} {v / pred.size:.1%}" for k, v in
                                             sorted(found.items(), key=lambda kv: -kv[1])))
     print(f"wrote {output} ({pred.shape[1]}×{pred.shape[0]}, {len(classes)} classes, "
           f"{info['arch']} {info['precision']})")
     return pred
+
+
+def check_palette(num_classes: int, output: Path) -> None:
+    """Refuse, before any model is loaded, a vocabulary the palette PNG cannot hold."""
+    if num_classes > viz.PALETTE_CLASSES:
+        raise ConfigError(f"{num_classes} classes do not fit output={output}: a palette PNG "
+                          f"holds at most {viz.PALETTE_CLASSES} classes; give at most "
+                          f"{viz.PALETTE_CLASSES} (merge synonyms into one entry as "
+                          "\"cat, kitten\", or split the list over several runs)")
 
 
 @hydra_entry("predict")

@@ -24,7 +24,7 @@ from typing import Any
 
 from sclip_lab.attention import ATTENTIONS, DEFAULT_COMBINE, DEFAULT_PROJECTION
 from sclip_lab.errors import ConfigError, message_of
-from sclip_lab.files import write_json_atomic
+from sclip_lab.files import atomic_target, write_json_atomic
 from sclip_lab.knobs import BLOCK_NAMES, record_value, summary_fields
 
 log = logging.getLogger(__name__)
@@ -308,3 +308,22 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
     if summary.get("mIoU") is None or summary.get("dataset") is None:
         return None
     return dict(summary)
+
+
+PER_CLASS_FILE = "per_class_iou.csv"
+
+
+def write_per_class_csv(path: Path, per_class: Mapping[str, float | None],
+                        classes: Sequence[str]) -> None:
+    """``class,iou,queries`` per class (empty IoU for a class absent from the split)."""
+    import pandas as pd  # only where a table is written: records is read by light commands
+
+    frame = pd.DataFrame({"class": list(per_class), "iou": list(per_class.values()),
+                          "queries": list(classes)})
+    with atomic_target(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.4f")
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Display names made unique for record keys: a repeated name gets ``#index``."""
+    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]

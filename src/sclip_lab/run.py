@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
+import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -37,23 +40,33 @@ from sclip_lab.build import (
 from sclip_lab.cli import hydra_entry
 from sclip_lab.config import unused_knobs, variant_label
 from sclip_lab.console import banner, per_class_table, proxy_text, weights_text
-from sclip_lab.errors import ConfigError, UserError, check_writable_dir, integer, message_of
-from sclip_lab.files import atomic_target
+from sclip_lab.errors import (
+    ConfigError,
+    Interrupted,
+    PartialFailure,
+    UserError,
+    check_writable_dir,
+    integer,
+    message_of,
+)
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
 from sclip_lab.pipeline import Preprocess, Segmenter, check_head
 from sclip_lab.proxy import proxy_identity
 from sclip_lab.records import (
     METRICS,
+    PER_CLASS_FILE,
     build_record,
     clear_failed,
     finished_records,
     mark_failed,
     result_key,
+    unique_names,
+    write_per_class_csv,
     write_record,
 )
 from sclip_lab.tracking import Tracker, check_logger
-from sclip_lab.trunk_cache import check_dtype
+from sclip_lab.trunk_cache import check_cache_dir, check_dtype
 
 log = logging.getLogger("sclip_lab")
 
@@ -86,6 +99,7 @@ class Job:
     overlays: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
     seconds: float = 0.0
     proxy: dict[str, Any] | None = None  # its proxy backbone's identity (attention=proxy)
+    error: UserError | None = None  # why this variant cannot be evaluated (failed.json)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -109,8 +123,7 @@ def preflight(cfg: DictConfig) -> None:
         check_writable_dir(cfg.cache_dir, "cache_dir")
     check_dtype(cfg.get("trunk_cache_dtype", "fp32"))
     if cfg.get("trunk_cache"):
-        check_writable_dir(cfg.trunk_cache, "trunk_cache")
-    check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"), cfg.get("proxy"))
+        check_cache_dir(cfg.trunk_cache)  # writable, and empty or a trunk cache already
     for key in ("pretrained", "config_file"):  # a file that is not there fails now, not later
         value = str(cfg.model.get(key) or "")
         path = Path(value).expanduser()
@@ -119,9 +132,32 @@ def preflight(cfg: DictConfig) -> None:
                               + (" or a hub tag such as 'openai'" if key == "pretrained" else ""))
 
 
+def refuse_broken(jobs: Sequence[Job]) -> list[Job]:
+    """The jobs that can be evaluated; each broken one is logged and gets its failed.json.
+    A lone job's own config (no ``variants=``) that is broken is the run's error."""
+    if len(jobs) == 1 and jobs[0].error is not None and not jobs[0].entry:
+        raise jobs[0].error
+    for job in jobs:
+        if job.error is not None:
+            log.error("variant [%s] refused: %s", job.label, message_of(job.error))
+            mark_failed(job.run_dir, job.error)
+    good = [job for job in jobs if job.error is None]
+    if not good:
+        raise ConfigError(f"every variant is broken ({failed_list(jobs)}); fix the entries "
+                          "of variants=")
+    return good
+
+
+def failed_list(jobs: Sequence[Job]) -> str:
+    """``[label] why, …`` of the failed jobs, for one line."""
+    return ", ".join(f"[{j.label}] {message_of(j.error)[:80]}" for j in jobs if j.error)
+
+
 def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Evaluate every job in one data pass; write and return their records."""
+    """Evaluate every job that can be in one data pass; write and return their records.
+    Broken jobs (``job.error``, set by ``plan_jobs`` or here) get a failed.json instead."""
     t0 = time.perf_counter()
+    jobs = refuse_broken(jobs)
     base = jobs[0].cfg
     preflight(base)
     seed_everything(int(base.seed))
@@ -148,7 +184,8 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     loader = DataLoader(dataset, batch_size=int(base.images_per_batch), collate_fn=_as_list,
                         num_workers=int(base.num_workers), shuffle=False)
     t1 = time.perf_counter()
-    with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar:
+    with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar, \
+            interrupts_counted(bar, len(dataset)):
         for items in worker_errors_unwrapped(loader):
             labels = [torch.from_numpy(it["label"]).to(segmenter.device) for it in items]
             # class maps straight from the stitching: no logits kept (docs/protocol.md §5.12)
@@ -205,6 +242,16 @@ def worker_errors_unwrapped(loader: DataLoader):
         yield items
 
 
+@contextmanager
+def interrupts_counted(bar: tqdm, total: int) -> Iterator[None]:
+    """SIGINT / SIGTERM inside the loop: ``Interrupted`` with how far it got."""
+    try:
+        yield
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, f"{bar.n} of {total} images") from None
+
+
 def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
     """Give ``segmenter`` a head per job; a variant that cannot be built (e.g. a learned
     projection without training data) is marked failed and the others go on."""
@@ -215,27 +262,11 @@ def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
         except UserError as e:
             log.error("variant [%s] skipped: %s", job.label, e)
             mark_failed(job.run_dir, e)
+            job.error = e
             continue
         segmenter.heads.append(head)
         kept.append(job)
     return kept
-
-
-PER_CLASS_FILE = "per_class_iou.csv"
-
-
-def write_per_class_csv(path: Path, per_class: Mapping[str, float | None],
-                        classes: Sequence[str]) -> None:
-    """``class,iou,queries`` per class (empty IoU for a class absent from the split)."""
-    frame = pd.DataFrame({"class": list(per_class), "iou": list(per_class.values()),
-                          "queries": list(classes)})
-    with atomic_target(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.4f")
-
-
-def unique_names(names: Sequence[str]) -> list[str]:
-    """Display names made unique for record keys: a repeated name gets ``#index``."""
-    return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_images: int,
@@ -251,18 +282,25 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
     log.info("%s [%s] per-class IoU (%%):\n%s", spec.name, label, per_class_table(per_class))
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    write_per_class_csv(job.run_dir / PER_CLASS_FILE, per_class, spec.classes)
-    for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)]):
-        viz.segmentation_figure(image, {label: pred}, names,
-                                job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}")
     if job.proxy is not None:  # the record's model section names both backbones
         info = {**info, "proxy": job.proxy}
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
                           job.entry, classes=spec.classes)
-    # The record first: nothing that happens to the logging afterwards can lose it.
-    path = write_record(job.run_dir, record)
+    # The record first: nothing that happens to the files and logging after it can lose it.
+    path = save_record(job.run_dir, record)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
+    extras = [(PER_CLASS_FILE, lambda: write_per_class_csv(job.run_dir / PER_CLASS_FILE,
+                                                            per_class, spec.classes))]
+    extras += [(f"overlay {i}", partial(viz.segmentation_figure, image, {label: pred}, names,
+                                        job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}"))
+               for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)])]
+    for what, write in extras:
+        try:
+            write()
+        except OSError as e:  # the record holds every number; a figure is not worth a run
+            log.warning("could not write %s in %s (%s); the record is complete", what,
+                        job.run_dir, e.strerror or e)
+            break
     tracker = Tracker(config["logger"], job.run_dir)
     sweep = config.get("sweep") or {}
     tracker.start(config, name=f"{job.cfg.name}{'-' + slug(job.entry) if job.entry else ''}",
@@ -276,13 +314,32 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     return record
 
 
+def save_record(run_dir: Path, record: Mapping[str, Any]) -> Path:
+    """``write_record``, with a disk that cannot take it as one user error (the temporary
+    file is removed: nothing half-written is left marked finished)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return write_record(run_dir, record)
+    except OSError as e:
+        free = shutil.disk_usage(run_dir).free if run_dir.is_dir() else 0
+        raise UserError(f"cannot write the record in {run_dir} ({e.strerror or e}; "
+                        f"{free / 2**20:.1f} MiB free): free space or set hydra.run.dir / "
+                        "hydra.sweep.dir on another disk, then rerun") from None
+
+
 def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
-    """The variants of this job that still need evaluating (resume skips finished ones)."""
+    """The variants of this job that still need evaluating (resume skips finished ones),
+    each validated before anything loads: a broken one carries its ``error``."""
     jobs = []
     done = finished_records(cfg.get("resume_root"))
-    for label, vcfg in variant_configs(cfg, compose=compose):
-        job = Job(vcfg, run_dir / slug(label) if label else run_dir, label,
-                  variant_label(OmegaConf.to_container(vcfg, resolve=True)))
+    for label, vcfg in variant_configs(cfg, compose=compose, keep_broken=True):
+        folder = run_dir / slug(label) if label else run_dir
+        error = vcfg if isinstance(vcfg, UserError) else head_error(vcfg)
+        if error is not None:
+            jobs.append(Job(vcfg if error is not vcfg else None, folder, label, label or "job",
+                            error=error))
+            continue
+        job = Job(vcfg, folder, label, variant_label(OmegaConf.to_container(vcfg, resolve=True)))
         precision = resolve_precision(vcfg.precision, resolve_device(vcfg.device))
         job.key = result_key({**OmegaConf.to_container(vcfg, resolve=True),
                               "precision": precision})
@@ -293,11 +350,23 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     return jobs
 
 
+def head_error(cfg: DictConfig) -> UserError | None:
+    """What is wrong with a variant's head (knobs, projection, post-processing, proxy), or
+    None: checked before the model loads, so that a bad entry fails in the first second."""
+    try:
+        check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"),
+                   cfg.get("proxy"))
+    except UserError as e:
+        return e
+    return None
+
+
 @hydra_entry("run")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     jobs = plan_jobs(cfg, run_dir)
-    for warning in unused_knobs([job.cfg for job in jobs], HydraConfig.get().overrides.task):
+    for warning in unused_knobs([job.cfg for job in jobs if job.cfg is not None],
+                                HydraConfig.get().overrides.task):
         log.warning(warning)
     if not jobs:
         clear_failed(run_dir)
@@ -305,6 +374,11 @@ def main(cfg: DictConfig) -> float | None:
         return None
     records = evaluate(jobs)
     clear_failed(run_dir)
+    failed = [job for job in jobs if job.error is not None]
+    if failed:  # the others are recorded; the run still fails, naming what did not run
+        raise PartialFailure(f"{len(failed)} of {len(jobs)} variants failed: "
+                             f"{failed_list(failed)}; each has a failed.json — fix them and "
+                             "rerun (resume_root= skips the finished variants)")
     return records[0]["metrics"]["mIoU"] if records else None
 
 

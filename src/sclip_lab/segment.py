@@ -8,7 +8,7 @@ max; predictions ``(H, W)`` int64.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -112,6 +112,17 @@ def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
         the low-resolution window logits, G_H / G_W stack each window row's / column's
         interpolation matrix, divided by the coverage, then the final resize matrix.
     """
+    left, tiles, right = _stitch_operands(windows, height, width, size)
+    if out is None:
+        return left @ tiles @ right.T
+    view = out[:tiles.shape[0] * left.shape[0] * right.shape[0]].view(
+        tiles.shape[0], left.shape[0], right.shape[0])
+    return torch.matmul(left @ tiles, right.T, out=view)  # the same product, bit for bit
+
+
+def _stitch_operands(windows: Mapping, height: int, width: int, size: tuple[int, int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``stitch_windows``' factors ``(G_H (H, Σgh), M (Q, Σgh, Σgw), G_W (W, Σgw))``."""
     rows = sorted({(y1, y2) for y1, y2, _, _ in windows})
     cols = sorted({(x1, x2) for _, _, x1, x2 in windows})
     device = next(iter(windows.values())).device
@@ -139,11 +150,7 @@ def stitch_windows(windows: Mapping[tuple[int, int, int, int], torch.Tensor],
     if size is not None and tuple(size) != (height, width):
         left = interpolation_matrix(height, size[0], device) @ left
         right = interpolation_matrix(width, size[1], device) @ right
-    if out is None:
-        return left @ tiles @ right.T
-    view = out[:tiles.shape[0] * left.shape[0] * right.shape[0]].view(
-        tiles.shape[0], left.shape[0], right.shape[0])
-    return torch.matmul(left @ tiles, right.T, out=view)  # the same product, bit for bit
+    return left, tiles, right
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -210,6 +217,30 @@ def row_chunks(num_queries: int, height: int, width: int, budget: int | None = N
     return [slice(r, min(r + step, height)) for r in range(0, height, step)]
 
 
+# At most this many stitched logits at once (stitch_blocks; 512 MiB of fp32): every
+# benchmark image (≤ 171 queries × 640×640, 19 × 1024×2048) is one block.
+STITCH_ELEMENTS = 1 << 27
+
+
+def stitch_blocks(windows: Mapping, height: int, width: int, size: tuple[int, int] | None = None
+                  ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``stitch_windows``' result as row blocks ``(rows, (Q, r, W))`` of whole ``row_chunks``:
+    one (≤ ``STITCH_ELEMENTS``) is its product bit for bit; several are ``G_H[rows] @ M @ G_Wᵀ``
+    (sums a BLAS may round differently), each written over the previous one."""
+    left, tiles, right = _stitch_operands(windows, height, width, size)
+    q, h, w = tiles.shape[0], left.shape[0], right.shape[0]
+    if q * h * w <= STITCH_ELEMENTS:
+        yield slice(0, h), left @ tiles @ right.T
+        return
+    chunks = row_chunks(q, h, w)
+    per = max(1, STITCH_ELEMENTS // (q * w * (chunks[0].stop - chunks[0].start)))
+    room = torch.empty(q * w * (chunks[0].stop - chunks[0].start) * per, device=left.device)
+    for i in range(0, len(chunks), per):
+        rows = slice(chunks[i].start, chunks[min(i + per, len(chunks)) - 1].stop)
+        out = room[:q * (rows.stop - rows.start) * w].view(q, -1, w)
+        yield rows, torch.matmul(left[rows] @ tiles, right.T, out=out)
+
+
 def softmax_best(logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q, *S)`` -> (max probability, first maximal query) ``(*S)`` each: the reference
     computation, softmax over queries of ``logits × scale`` in fp32."""
@@ -261,37 +292,53 @@ def predict_classes(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
     blocks (``row_chunks``); without thresholds no probability is computed at all
     (``first_max_query``).
     """
-    query_class = pp.query_class.to(logits.device)
+    return classes_of_blocks(lambda: [(slice(0, logits.shape[1]), logits)],
+                             tuple(logits.shape), pp, logits.device)
+
+
+Blocks = Callable[[], Iterable[tuple[slice, torch.Tensor]]]  # (rows, (Q, r, W)) of row_chunks
+
+
+def classes_of_blocks(blocks: Blocks, shape: tuple[int, int, int], pp: PostProcess,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """``predict_classes`` of the ``shape`` (Q, H, W) logits ``blocks()`` yields (twice: area)."""
+    query_class = pp.query_class.to(device)
     if len(query_class) > 1 and bool((query_class[1:] < query_class[:-1]).any()):
         raise ValueError("text queries must be ordered by class")
-    chunks = row_chunks(*logits.shape)
     if pp.prob_thd > 0 or pp.area_thd is not None or not pp.logit_scale > 0:
-        return _thresholded(logits, pp, query_class, chunks)
-    pred = torch.empty(logits.shape[1:], dtype=torch.long, device=logits.device)
-    for rows in chunks:
-        pred[rows] = query_class[first_max_query(logits[:, rows], pp.logit_scale)]
+        return _thresholded(blocks, shape, pp, query_class)
+    pred = torch.empty(shape[1:], dtype=torch.long, device=device)
+    for rows, logits in _chunks(blocks()):
+        pred[rows] = query_class[first_max_query(logits, pp.logit_scale)]
     return pred
 
 
-def _thresholded(logits: torch.Tensor, pp: PostProcess, query_class: torch.Tensor,
-                 chunks: Sequence[slice]) -> torch.Tensor:
+def _chunks(blocks: Iterable[tuple[slice, torch.Tensor]]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows of the map, (Q, r, W) logits)`` for every ``row_chunks`` chunk of ``blocks``."""
+    for rows, logits in blocks:
+        for c in row_chunks(*logits.shape):
+            yield slice(rows.start + c.start, rows.start + c.stop), logits[:, c]
+
+
+def _thresholded(blocks: Blocks, shape: tuple[int, int, int], pp: PostProcess,
+                 query_class: torch.Tensor) -> torch.Tensor:
     """``predict_classes`` with probabilities (docs/protocol.md §5.10–12), block by block:
     the area threshold needs the whole image's argmax histogram first, then redoes only
     the blocks that hold a dropped class (elsewhere masking changes neither the first
     maximal query nor its probability)."""
-    conf = torch.empty(logits.shape[1:], device=logits.device)
-    best = torch.empty(logits.shape[1:], dtype=torch.long, device=logits.device)
-    for rows in chunks:
-        conf[rows], best[rows] = softmax_best(logits[:, rows], pp.logit_scale)
+    conf = torch.empty(shape[1:], device=query_class.device)
+    best = torch.empty(shape[1:], dtype=torch.long, device=query_class.device)
+    for rows, logits in _chunks(blocks()):
+        conf[rows], best[rows] = softmax_best(logits, pp.logit_scale)
     pred = query_class[best]
     if pp.area_thd is not None:
         areas = torch.bincount(pred.flatten(), minlength=pp.num_classes)
         small = areas <= pp.area_thd * areas[1:].sum()
         small[0] = False
         dropped = small[query_class].view(-1, 1, 1)
-        for rows in chunks:
+        for rows, logits in _chunks(blocks()):
             if bool(small[pred[rows]].any()):
-                probs = torch.softmax(logits[:, rows].float() * pp.logit_scale, dim=0)
+                probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
                 conf[rows], best[rows] = probs.masked_fill_(dropped, 0.0).max(0)
         pred = query_class[best]
     if pp.prob_thd > 0:

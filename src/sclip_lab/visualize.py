@@ -141,7 +141,8 @@ def attention_maps(encoder: DenseEncoder, resized: Tensor,
                    tokens: Sequence[int] | Callable[[tuple[int, int], Any], list[int]],
                    lasts: Mapping[str, LastBlock], proxies: Mapping[Any, Any] | None = None
                    ) -> dict[str, np.ndarray]:
-    """One whole-image trunk pass, then every variant's point rows.
+    """One whole-image trunk pass (per position-embedding rule), then every variant's point
+    rows.
 
     Args:
         resized: ``(3, Hr, Wr)`` normalised image (positional embeddings are interpolated to
@@ -155,20 +156,24 @@ def attention_maps(encoder: DenseEncoder, resized: Tensor,
         label -> ``(P, gh, gw)`` attention maps (mean over heads), on each variant's grid.
     """
     device = encoder.visual.conv1.weight.device
-    borrowed = {i for last in lasts.values() for i in last.early_layers if i < encoder.depth}
-    hidden = {i for last in lasts.values() for i in last.hidden_layers}
     image = resized[None].to(device)
-    trunk = encoder.trunk(image, sorted(borrowed), sorted(hidden))
     out = {}
-    for label, last in lasts.items():
-        grid = trunk.grid
-        if last.proxy is not None:
-            feats = window_features(last.proxy, (proxies or {}).get(last.proxy), trunk, [image])
-            trunk.proxy[last.proxy] = feats
-            grid = tuple(feats.shape[-2:])
-        rows = tokens(grid, last.proxy) if callable(tokens) else tokens
-        out[label] = point_maps(encoder.last_attention(trunk, last), rows, grid)
-    return out
+    for rule in dict.fromkeys(last.pos_embed for last in lasts.values()):  # one trunk each
+        group = {label: last for label, last in lasts.items() if last.pos_embed == rule}
+        borrowed = {i for last in group.values() for i in last.early_layers
+                    if i < encoder.depth}
+        hidden = {i for last in group.values() for i in last.hidden_layers}
+        trunk = encoder.trunk(image, sorted(borrowed), sorted(hidden), rule)
+        for label, last in group.items():
+            grid = trunk.grid
+            if last.proxy is not None:
+                feats = window_features(last.proxy, (proxies or {}).get(last.proxy), trunk,
+                                        [image])
+                trunk.proxy[last.proxy] = feats
+                grid = tuple(feats.shape[-2:])
+            rows = tokens(grid, last.proxy) if callable(tokens) else tokens
+            out[label] = point_maps(encoder.last_attention(trunk, last), rows, grid)
+    return {label: out[label] for label in lasts}
 
 
 def attention_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,10 +37,14 @@ def class_names(classes: Sequence[str], has_background: bool) -> list[str]:
     return names
 
 
+# Classes a palette PNG can hold: its indices are one byte.
+PALETTE_CLASSES = 256
+
+
 def save_palette_png(pred: np.ndarray, path: str | Path) -> None:
     """Write an ``(H, W)`` class map (values < 256) as a palette PNG (indices preserved)."""
-    if pred.max(initial=0) > 255:
-        raise ValueError("a palette PNG holds at most 256 classes")
+    if pred.max(initial=0) >= PALETTE_CLASSES:
+        raise ValueError(f"a palette PNG holds at most {PALETTE_CLASSES} classes")
     img = Image.fromarray(pred.astype(np.uint8), mode="P")
     img.putpalette(palette().flatten().tolist())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +120,12 @@ def save_figure(fig, path_stem: str | Path, dpi: int = 150) -> list[Path]:
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [path_stem.parent / f"{path_stem.name}.{ext}" for ext in ("png", "pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=dpi)
+    for path in paths:  # through a temporary name: a full disk leaves no half figure
+        tmp = path.with_name(f".{path.name}.part")
+        try:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix[1:])
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return paths

@@ -52,6 +52,8 @@ class AttentionInputs:
         features: ``(B, N, D)`` block output -> ``(B, N, E)`` unit features (the readout).
         proxy: ``(B, C, Hv, Wv)`` a proxy backbone's features of the same windows, for
             variants registered with ``proxy=True`` (ProxyCLIP; the ``proxy`` group).
+        logit_scale: the segmenter's logit scale (the dataset's or protocol's), when the
+            caller classifies: two-pass methods that classify inside the block use it.
     """
 
     z: Tensor
@@ -68,6 +70,7 @@ class AttentionInputs:
     images: Tensor | None = None
     features: Callable[[Tensor], Tensor] | None = None
     proxy: Tensor | None = None
+    logit_scale: float | None = None
 
     @property
     def heads(self) -> int:

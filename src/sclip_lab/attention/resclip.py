@@ -23,7 +23,11 @@ Transcribed from the official code, github.com/yvhangyang/ResCLIP @ 0e085f7
   a bias, so τ is not a neutral scale. τ = 2.0 on every benchmark; λ is per benchmark
   (``conf/attention/resclip.yaml``).
 * SFR (below) runs the final block once with RCS and without SFR, classifies the window
-  against every text query (PAMR on the window, softmax(40·)), turns the patch labels into
+  against every text query (PAMR on the window, softmax(s·), s the segmentor's logit
+  scale: ``resclip_segmentor.py`` L75 passes ``logit_scale=self.logit_scale``, 40 in every
+  cfg_*.py; here the segmenter's, ``AttentionInputs.logit_scale``: 40 under
+  ``protocol=resclip``, the dataset's under SCLIP's, e.g. 65 on VOC21; 40 for callers
+  that pass none), turns the patch labels into
   A_sfr and blends A_sfr / max A_sfr into the k-k logits *before* ω and the softmax, with
   ``attn_sfr_weights = [τ_s, λ_s]`` and ``temp_thd`` per benchmark. It reads
   ``AttentionInputs.queries``/``images``/``features``; a caller without them (attention
@@ -40,7 +44,7 @@ SFR, from ``clip/model.py``, per window (the official code runs one crop at a ti
     pass 1   tokens = block(A_rcs)                     # the final block, RCS on, SFR off
              logits = cos(features(tokens)[patches], queries)      # (Q, h, w), every query
              logits = PAMR_10,(8,16)(crop, bilinear(logits, crop size))     # create_logit_temp
-             P      = softmax(40 · logits) over the queries
+             P      = softmax(s · logits) over the queries, s the logit scale
     labels   ℓ(pixel) = argmax_q P, 0 where max_q P < temp_thd; ℓ(patch) = mode over its
              p×p pixels                                            # create_patch_matrix
     A_sfr    M_ij = [ℓ_i = ℓ_j] (diagonal 1); delete_same_entity: M_ij ·= exp(−s_ij / s_max)
@@ -93,7 +97,9 @@ RCS_LAMBDA = 0.3  # attn_rcs_weights[1] of VOC21, Context60, ADE20K (conf/attent
 # cfg_ade20k.py L6–9 temp_thd=0.25, attn_sfr_weights=[2.1, 0.7]; per benchmark in the yaml.
 SFR_TAU, SFR_LAMBDA, SFR_TEMP_THD = 2.1, 0.7, 0.25
 SFR_PAMR_STEPS, SFR_PAMR_DILATIONS = 10, (8, 16)  # create_logit_temp: PAMR(10, (8, 16))
-SFR_LOGIT_SCALE = 40.0  # resclip_segmentor.py logit_scale=40 (no cfg_*.py overrides it)
+# resclip_segmentor.py's default logit_scale=40 (no cfg_*.py overrides it): SFR's scale
+# when the caller passes none (AttentionInputs.logit_scale), e.g. DenseEncoder.logits alone
+SFR_LOGIT_SCALE = 40.0
 PATH_CHUNK = 64  # start patches per step when building a grid's path table
 
 
@@ -190,7 +196,8 @@ def patch_size(x: AttentionInputs) -> int:
 def feedback_probabilities(x: AttentionInputs, attention: Tensor, pamr_steps: int,
                            dilations: Sequence[int]) -> Tensor:
     """``(B, Q, H, W)``: pass 1 read out against every query, bilinear to the window, PAMR
-    guided by the window pixels, then softmax(40 · logits) over the queries."""
+    guided by the window pixels, then softmax(s · logits) over the queries, s the
+    segmenter's logit scale (``SFR_LOGIT_SCALE`` when the caller passes none)."""
     feats = x.features(block_output(x, attention))[:, 1:]  # (B, h·w, E) unit rows
     B, (h, w) = feats.shape[0], x.grid
     logits = (feats @ x.queries.float().T).transpose(1, 2).reshape(B, -1, h, w)
@@ -199,7 +206,8 @@ def feedback_probabilities(x: AttentionInputs, attention: Tensor, pamr_steps: in
     if pamr_steps > 0:
         logits = torch.stack([segment.pamr(img.float(), lg, pamr_steps, dilations)
                               for img, lg in zip(x.images, logits)])
-    return (logits * SFR_LOGIT_SCALE).softmax(1)
+    scale = SFR_LOGIT_SCALE if x.logit_scale is None else x.logit_scale
+    return (logits * scale).softmax(1)
 
 
 def patch_labels(probs: Tensor, grid: tuple[int, int], patch: int, temp_thd: float

@@ -98,22 +98,44 @@ def vv_attention(z: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return softmax_attention(v, v, v.shape[-1] ** 0.5)
 
 
+def class_shares(query_class: Tensor | None, num_queries: int, device: torch.device
+                 ) -> Tensor:
+    """``(Q,)`` each query's share of its class, 1 / (its class's query count); all ones
+    without a mapping (one class per query, as in CLIP Surgery's own vocabularies)."""
+    if query_class is None:
+        return torch.ones(num_queries, device=device)
+    query_class = query_class.to(device)
+    return 1.0 / torch.bincount(query_class)[query_class].float()
+
+
 def feature_surgery_logits(feats: Tensor, queries: Tensor, depth: int = SURGERY_DEPTH,
-                           feature_surgery: bool = True) -> Tensor:
+                           feature_surgery: bool = True, query_class: Tensor | None = None
+                           ) -> Tensor:
     """``(B, h·w, Q)`` patch logits; with ``feature_surgery`` CLIP Surgery's
-    (``clip_feature_surgery`` L293–306, per window)::
+    (``clip_feature_surgery`` L293–306, per window), its softmax and means over classes::
 
-        w_t = p_t / mean_t' p_t',  p = softmax_t(2·cos(F_cls, T_t))
-        sim[i, t] = w_t·cos(F_i, T_t) − mean_t'(w_t'·cos(F_i, T_t'))
+        w_t = p_t / m(p),   p_t = exp(2·c_t) / Σ_t' s_t'·exp(2·c_t'),   c_t = cos(F_cls, T_t)
+        sim[i, t] = w_t·cos(F_i, T_t) − m(w·cos(F_i, T)),   m(x) = Σ_t s_t·x_t / C
 
+    s_t = 1 / (the query count of t's class, ``query_class`` ``(Q,)``). The official code
+    has one query per class (s = 1: m is its mean over classes). With synonyms each
+    query counts for its share of the class, so a class's weight does not grow with its
+    number of synonyms and a duplicated query changes no logit (docs/protocol.md §16).
     ``feats`` ``(B, N, E)`` are unit rows, CLS (the vanilla one) first; ``depth`` is
     unused (the readout receives every knob)."""
     cos = feats @ queries.T  # (B, N, Q)
     if not feature_surgery:
         return cos[:, 1:]
-    p = (2 * cos[:, :1]).softmax(-1)  # (B, 1, Q): the 2 is hard-coded at L295
-    weighted = cos[:, 1:] * (p / p.mean(-1, keepdim=True))
-    return weighted - weighted.mean(-1, keepdim=True)
+    share = class_shares(query_class, queries.shape[0], cos.device)  # (Q,)
+    num_classes = share.sum()
+
+    def class_mean(x: Tensor) -> Tensor:  # (B, n, Q) -> (B, n, 1)
+        return (x * share).sum(-1, keepdim=True) / num_classes
+
+    # softmax whose denominator sums classes: Σ_t share_t·exp(2c_t); the 2 is L295's
+    p = (2 * cos[:, :1] + share.log()).softmax(-1) / share  # (B, 1, Q)
+    weighted = cos[:, 1:] * (p / class_mean(p))
+    return weighted - class_mean(weighted)
 
 
 def surgery_maps(x: AttentionInputs, depth: int = SURGERY_DEPTH,

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sclip_lab.data.spec import IGNORE_INDEX, LABEL_RULES, DataError
+from sclip_lab.errors import brief
 
 
 def apply_label_rule(raw: np.ndarray, rule: str) -> np.ndarray:
@@ -91,7 +92,7 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
             image.load()
             return label_array(image, str(path))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read label {path} ({type(e).__name__}: {e}); re-extract or "
+        raise DataError(f"cannot read label {path} ({brief(e)}); re-extract or "
                         "re-prepare the benchmark") from None
 
 

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from sclip_lab.config import CONF_DIR
 from sclip_lab.data import BenchmarkSpec, DataError, dataset_config, spec_from_config
+from sclip_lab.errors import brief
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _sections() -> dict[str, dict[str, Any]]:
         try:
             raw = OmegaConf.load(path)
         except Exception as e:  # noqa: BLE001 - any YAML error is the file's fault
-            raise DataError(f"cannot read {path} ({type(e).__name__}: {e})") from None
+            raise DataError(f"cannot read {path} ({brief(e)})", detail=str(e)) from None
         sections[path.stem] = dataset_config(raw)
     return sections
 

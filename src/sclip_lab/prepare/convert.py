@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sclip_lab.data import IGNORE_INDEX, BenchmarkSpec, DataError, read_label
+from sclip_lab.errors import brief
 
 # --- label tables (docs/protocol.md §6) ---------------------------------------------------------
 
@@ -205,7 +206,7 @@ def convert_context(json_path: Path, voc_root: Path, phases: Sequence[str] = ("v
         images, annos = meta["images"], meta["annos_segmentation"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"cannot read {json_path} as PASCAL in Detail annotations "
-                        f"({type(e).__name__}: {e}); delete it and prepare again") from None
+                        f"({brief(e)}); delete it and prepare again") from None
     by_image: dict[Any, list] = {}
     for ann in annos:
         by_image.setdefault(ann["image_id"], []).append(ann)

@@ -30,6 +30,10 @@ proxy                         features (official path)
 
 Windows may be non-square: grids are (H // patch, W // patch) as (rows, cols); the official
 code takes both sides from H, which only square crops hide.
+
+Attention is explicit, softmax(q kᵀ·d_h^-1/2) v, as in every official code (ProxyCLIP pins
+torch 1.13, which has no fused kernel), never timm's ``F.scaled_dot_product_attention``
+(``explicit_attention``).
 """
 
 
@@ -63,8 +67,8 @@ from sclip_lab.proxy.spec import (
 from sclip_lab.proxy.weights import describe_weights, from_file, from_hub, hub_tag, read_weights
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "FAMILIES", "IMAGENET_MEAN", "IMAGENET_STD", "NAMES",
-           "ProxyBackbone", "ProxyError", "ProxySpec", "describe_weights", "load_proxy",
-           "official_pos_embed", "proxy_identity", "proxy_spec", "read_weights",
+           "ProxyBackbone", "ProxyError", "ProxySpec", "describe_weights", "explicit_attention",
+           "load_proxy", "official_pos_embed", "proxy_identity", "proxy_spec", "read_weights",
            "window_features"]
 
 
@@ -121,6 +125,29 @@ def official_pos_embed(table: Tensor, grid: tuple[int, int], rule: str,
     return t.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(table.dtype)
 
 
+# ----------------------------------------------------------------------------- attention
+
+
+def explicit_attention(model: nn.Module) -> int:
+    """Make every timm attention module of ``model`` compute softmax(q kᵀ·scale) v itself
+    instead of calling the fused ``F.scaled_dot_product_attention``; returns how many.
+
+    The official DINO, DINOv2 (without xformers), MAE (timm 0.4.12) and SAM code all compute
+    attention explicitly. The fused kernel sums in another order: on a photo the DINO
+    features move by ~2e-4, enough for ProxyCLIP's hard ``S < 0`` mask to flip pairs and
+    move logits by up to 2e-3 (docs/protocol.md §16). timm's explicit order ``(q·s) kᵀ``
+    equals DINO's and MAE's ``(q kᵀ)·s`` bitwise when s = d_h^-1/2 is a power of two
+    (d_h = 64 in every ViT-B); SAM and DINOv2 scale q first, as timm does. Set per model,
+    never through timm's process-wide ``set_fused_attn``.
+    """
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    if not modules:  # a timm that renamed the switch would silently fuse again
+        raise AssertionError(f"{type(model).__name__} has no timm attention with fused_attn")
+    for m in modules:
+        m.fused_attn = False
+    return len(modules)
+
+
 # ----------------------------------------------------------------------------- backbone
 
 
@@ -129,7 +156,8 @@ class ProxyBackbone(nn.Module):
 
     Attributes:
         spec: what was asked for.
-        model: the timm model (``VisionTransformer`` or ``VisionTransformerSAM``).
+        model: the timm model (``VisionTransformer`` or ``VisionTransformerSAM``), its
+            attention explicit (``explicit_attention``).
         layer: the block used, 1-indexed (resolved: the last when ``spec.layer`` is None).
         identity: ``{proxy, arch, weights (sha256 of the file or the hub tag), layer,
             input_size}`` for records.
@@ -140,6 +168,7 @@ class ProxyBackbone(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = model
+        explicit_attention(model)
         self.rule = FAMILIES[spec.name].rule
         depth = len(model.blocks)
         self.layer = depth if spec.layer is None else spec.layer

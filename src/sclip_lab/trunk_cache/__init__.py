@@ -12,11 +12,16 @@ runs. Layout::
 
 The model key hashes the weights' identity, the tower's architecture, precision, device
 kind, preprocessing (short side, window, stride) and storage dtype; the image hash is the
-content of the preprocessed ``(3, Hr, Wr)`` tensor. An entry holds, per window-size group
+content of the preprocessed ``(3, Hr, Wr)`` tensor (mixed with the position-embedding rule
+where it is not the default: ``entry_name``). An entry holds, per window-size group
 ``g``: ``g.x`` ``(n, N, D)``, ``g.early.<l>`` ``(n, heads, N, N)``, ``g.hidden.<l>``
 ``(n, N, D)``, with the windows' boxes and a checksum per tensor in its metadata. Entries
 are written to a temporary file and renamed (parallel sweep jobs may write the same one);
-one that is unreadable, of another layout, shape or checksum is recomputed with a warning.
+one that is unreadable, of another layout, shape or checksum is recomputed with a warning,
+and so is a damaged manifest rewritten. A write that fails (a full disk) is one warning per
+run and cache: the run goes on with the entries there are and stores nothing more. The
+cache adopts only a missing or empty folder or its own, and ``clear`` deletes only its
+own files (``owned``).
 An entry without a layer a new variant needs is recomputed with the union of both.
 ``fp32`` keeps the trunk's own values (predictions identical to a run without the cache);
 ``fp16`` halves the size of an fp32 trunk, and the numbers may drift.
@@ -39,16 +44,25 @@ from sclip_lab import segment
 from sclip_lab.errors import ConfigError
 from sclip_lab.files import atomic_target, state_digest, write_json_atomic
 from sclip_lab.model import TrunkOutput
+from sclip_lab.trunk_cache.owned import (
+    MANIFEST,
+    MARKER,
+    MARKER_HEAD,
+    SUFFIX,
+    check_adoptable,
+    folder_usage,
+    human,
+    is_cache,
+    read_manifest,
+)
+from sclip_lab.trunk_cache.owned import check_cache_dir as check_cache_dir  # for run's preflight
 
 log = logging.getLogger(__name__)
 
 FORMAT = "sclip-trunk-cache/1"
 DTYPES = ("fp32", "fp16")
-MARKER = "README.txt"
-MANIFEST = "manifest.json"
-SUFFIX = ".safetensors"
 README = f"""\
-sclip_lab trunk cache ({FORMAT}): blocks 1…depth−1 of every evaluated window, one
+{MARKER_HEAD}{FORMAT}): blocks 1…depth−1 of every evaluated window, one
 folder per model/preprocessing (manifest.json says which), one .safetensors file per
 image. Only speed depends on it. Show it:  python -m sclip_lab.trunk_cache info DIR
 Drop it:  python -m sclip_lab.trunk_cache clear DIR   (or delete this folder)
@@ -97,6 +111,16 @@ def model_parts(info: Mapping[str, Any], visual: nn.Module, prep: Mapping[str, A
             "precision": info["precision"], "device": torch.device(info["device"]).type,
             "short_side": prep["short_side"], "window": prep["window"],
             "stride": prep["stride"], "dtype": str(dtype).removeprefix("torch.")}
+
+
+def entry_name(image: Tensor, tag: str = "") -> str:
+    """An entry's 32-hex name: the preprocessed image's digest, mixed with ``tag`` where a
+    trunk setting differs from the default (the position-embedding rule of some heads),
+    so that trunks of different settings never share an entry."""
+    name = digest(image)
+    if not tag:
+        return name
+    return hashlib.blake2b(f"{name}:{tag}".encode(), digest_size=16).hexdigest()
 
 
 def folder_name(parts: Mapping[str, Any]) -> str:
@@ -174,7 +198,12 @@ def read_entry(path: Path, layout: Layout, grids: Sequence[tuple[int, int]],
 
 def write_entry(path: Path, layout: Layout, parts: Sequence[TrunkOutput],
                 dtype: torch.dtype) -> int:
-    """Write one entry atomically (readers see the old file or the new one) -> bytes."""
+    """Write one entry atomically (readers see the old file or the new one) -> bytes.
+
+    Raises:
+        OSError: it could not be written (safetensors' own I/O errors included).
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = entry_tensors(parts, dtype)
@@ -182,7 +211,10 @@ def write_entry(path: Path, layout: Layout, parts: Sequence[TrunkOutput],
                                                    for _, boxes in layout]),
             "sums": json.dumps({k: digest(v) for k, v in tensors.items()})}
     with atomic_target(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except SafetensorError as e:  # a full disk, reported by its Rust writer: its cause
+            raise OSError(str(e).rsplit("I/O error: ", 1)[-1]) from None
         size = tmp.stat().st_size
     return size
 
@@ -218,7 +250,7 @@ class TrunkCache:
     patch: int
     hits: int = 0
     misses: int = 0
-    writable: bool = True
+    stopped: str = ""  # why this run stores no more entries (a full disk); "" while it does
 
     def lookup(self, path: Path, layout: Layout, early: Sequence[int], hidden: Sequence[int]
                ) -> tuple[list[TrunkOutput] | None, set[int], set[int]]:
@@ -234,26 +266,32 @@ class TrunkCache:
             return None, set(), set()
 
     def store(self, path: Path, layout: Layout, parts: Sequence[TrunkOutput]) -> None:
-        if not self.writable:
+        if self.stopped:
             return
         try:
             write_entry(path, layout, parts, self.dtype)
-        except OSError as e:  # a full disk costs speed, never the evaluation
-            log.warning("trunk cache: cannot write to %s (%s); going on without storing",
-                        self.folder, e)
-            self.writable = False
+        except OSError as e:
+            self.stop(e)
+
+    def stop(self, error: OSError) -> None:
+        """Store nothing more in this run, with one warning: a full disk (or any failing
+        write) costs speed, never the evaluation; entries already there are still read."""
+        self.stopped = error.strerror or str(error) or type(error).__name__
+        log.warning("trunk cache: cannot write to %s (%s); going on without storing new "
+                    "entries", self.folder, self.stopped)
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], boxes: Callable[[int, int], list[Box]],
                early: Sequence[int], hidden: Sequence[int],
-               compute: Callable[..., list[Any]], device: torch.device
+               compute: Callable[..., list[Any]], device: torch.device, tag: str = ""
                ) -> list[tuple[list[tuple[int, Box]], TrunkOutput]]:
         """``Segmenter.encode`` through the cache -> ``[(owners, trunk)]`` per window size,
         in the order and batches of an uncached pass. ``compute(images, early, hidden)`` is
         that pass; it runs on the images that miss, with every layer their old entries
-        held too, so that an entry is rewritten with the union."""
+        held too, so that an entry is rewritten with the union. ``tag``: a trunk setting
+        beyond the model key (``entry_name``)."""
         layouts = [layout_of(boxes(img.shape[1], img.shape[2])) for img in images]
-        paths = [self.folder / f"{digest(img)}{SUFFIX}" for img in images]
+        paths = [self.folder / f"{entry_name(img, tag)}{SUFFIX}" for img in images]
         found, missing, all_early, all_hidden = {}, [], set(early), set(hidden)
         for i, (path, layout) in enumerate(zip(paths, layouts)):
             parts, has_early, has_hidden = self.lookup(path, layout, early, hidden)
@@ -275,7 +313,8 @@ class TrunkCache:
         """One line for the end of a run: hits, misses and the folder's size."""
         count, size = folder_usage(self.folder)
         return (f"trunk cache: {self.hits} hits, {self.misses} misses; {self.folder}: "
-                f"{count} entries, {human(size)}")
+                f"{count} entries, {human(size)}"
+                + (f"; stored nothing new ({self.stopped})" if self.stopped else ""))
 
 
 def assemble(images: Sequence[Tensor], layouts: Sequence[Layout],
@@ -301,31 +340,40 @@ def assemble(images: Sequence[Tensor], layouts: Sequence[Layout],
 def open_cache(root: str | Path, dtype: str, encoder: Any, info: Mapping[str, Any],
                prep: Mapping[str, Any]) -> TrunkCache:
     """The cache folder of this model and preprocessing under ``root`` (created, with its
-    README and manifest). ``encoder`` is the ``DenseEncoder``."""
-    root = Path(root).expanduser()
+    README and manifest; when they cannot be written, one warning and a cache that only
+    reads). ``encoder`` is the ``DenseEncoder``.
+
+    Raises:
+        ConfigError: ``root`` is a folder of other files (``owned.check_adoptable``).
+    """
+    root = check_adoptable(root)
     stored = storage_dtype(dtype, encoder.dtype)
     parts = model_parts(info, encoder.visual, prep, stored)
-    folder = root / folder_name(parts)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (root / MARKER).is_file():
+    cache = TrunkCache(root / folder_name(parts), stored, encoder.dtype,
+                       int(encoder.visual.transformer.width), int(encoder.patch))
+    try:
+        prepare_folder(root, cache.folder, parts)
+    except OSError as e:
+        cache.stop(e)
+    return cache
+
+
+def prepare_folder(root: Path, folder: Path, parts: Mapping[str, Any]) -> None:
+    """The marker (what ``clear`` asks for), then the model folder and its manifest,
+    rewritten with a warning when it is unreadable or says something else than ``parts``
+    (a manifest heals like an entry).
+
+    Raises:
+        OSError: something could not be written.
+    """
+    if not is_cache(root):
         with atomic_target(root / MARKER) as tmp:
             tmp.write_text(README)
-    if not (folder / MANIFEST).is_file():
-        write_json_atomic(folder / MANIFEST, parts)
-    return TrunkCache(folder, stored, encoder.dtype,
-                      int(encoder.visual.transformer.width), int(encoder.patch))
+    folder.mkdir(exist_ok=True)
+    path, want = folder / MANIFEST, json.loads(json.dumps(parts))
+    if read_manifest(path) == want:
+        return
+    if path.exists():
+        log.warning("trunk cache: rewriting the damaged manifest %s", path)
+    write_json_atomic(path, parts)
 
-
-def human(size: float) -> str:
-    """``3.6 MB``: decimal units, as disks are sold."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
-
-
-def folder_usage(folder: Path) -> tuple[int, int]:
-    """(entries, bytes) of one model folder (temporary files of running writers left out)."""
-    files = [p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
-    return len(files), sum(p.stat().st_size for p in files if p.exists())

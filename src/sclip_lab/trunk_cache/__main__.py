@@ -1,21 +1,21 @@
 """``python -m sclip_lab.trunk_cache info|clear DIR``: what a trunk cache holds, or drop it.
 
 ``info`` prints, per model/preprocessing folder, its entries and size (and per image);
-``clear`` deletes the whole folder (only a folder a run made a trunk cache: it carries
-the cache's README.txt). Deleting the folder by hand is just as safe.
+``clear`` deletes what runs wrote there (entries, manifests, the README.txt marker, the
+folders once empty; only in a folder that carries the marker) and keeps, and names, any
+other file. Deleting the folder by hand is just as safe.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sclip_lab.errors import EXIT_USER_ERROR, UserError, report
-from sclip_lab.trunk_cache import MANIFEST, MARKER, README, folder_usage, human
+from sclip_lab.trunk_cache import MANIFEST, MARKER, folder_usage, human
+from sclip_lab.trunk_cache.owned import MODEL_DIR, clear, is_cache, names, read_manifest
 
 
 def cache_root(path: str) -> Path:
@@ -25,8 +25,7 @@ def cache_root(path: str) -> Path:
         raise UserError(f"no trunk cache at {root}: the folder does not exist")
     if not root.is_dir():
         raise UserError(f"{root} is a file, not a trunk cache folder")
-    marker = root / MARKER
-    if not marker.is_file() or not marker.read_text(errors="replace").startswith(README[:30]):
+    if not is_cache(root):
         raise UserError(f"{root} is not a trunk cache (no sclip_lab {MARKER}); give the folder "
                         "that runs were given as trunk_cache=DIR")
     return root
@@ -35,18 +34,19 @@ def cache_root(path: str) -> Path:
 def info_lines(root: Path) -> list[str]:
     """Per model folder: entries, size, what it caches; then the total."""
     lines, total = [], 0
-    for folder in sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and MODEL_DIR.fullmatch(p.name)):
         count, size = folder_usage(folder)
         total += size
+        line = (f"{folder.name}: {count} entries, {human(size)} "
+                f"({human(size / max(count, 1))}/image)")
+        m = read_manifest(folder / MANIFEST) or {}
         try:
-            m = json.loads((folder / MANIFEST).read_text())
-        except (OSError, ValueError):
-            m = {}
-        lines.append(f"{folder.name}: {count} entries, {human(size)} "
-                     f"({human(size / max(count, 1))}/image) — {m.get('weights', '?')[:24]}, "
-                     f"{m.get('precision')} on {m.get('device')}, short side "
-                     f"{m.get('short_side')}, window {m.get('window')}, stride "
-                     f"{m.get('stride')}, stored {m.get('dtype')}")
+            line += (f" — {m['weights'][:24]}, {m['precision']} on {m['device']}, short side "
+                     f"{m['short_side']}, window {m['window']}, stride {m['stride']}, "
+                     f"stored {m['dtype']}")
+        except (KeyError, TypeError):  # the next run of this model rewrites it
+            line += f" — {MANIFEST} missing or damaged (the next run with this model rewrites it)"
+        lines.append(line)
     return lines + [f"total {human(total)} in {root}"]
 
 
@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Show what a trunk cache holds (entries and "
                                 "size per model/preprocessing), or delete it.")
     p.add_argument("command", choices=("info", "clear"),
-                   help="info: entries and size per model/preprocessing; clear: delete all")
+                   help="info: entries and size per model/preprocessing; clear: delete what "
+                   "runs wrote (files of others stay)")
     p.add_argument("dir", help="the folder given to runs as trunk_cache=DIR")
     args = p.parse_args(argv)
     try:
@@ -63,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             print("\n".join(info_lines(root)))
             return 0
-        count = sum(folder_usage(f)[0] for f in root.iterdir() if f.is_dir())
-        shutil.rmtree(root)
-        print(f"removed {root} ({count} entries)")
+        count, left = clear(root)
+        if not left:
+            print(f"removed {root} ({count} entries)")
+        else:  # a user's files, never the cache's: they stay, and so does their folder
+            print(f"removed {count} entries and the cache's files from {root}; kept "
+                  f"{len(left)} file(s) it did not write: {names(left, root)}")
     except (UserError, OSError) as e:
         report(e if isinstance(e, UserError) else f"{args.dir}: {e}")
         return EXIT_USER_ERROR
