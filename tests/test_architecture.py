@@ -86,3 +86,53 @@ def test_no_protocol_citation_points_outside_the_repository():
         assert "PROTOCOL.md" not in text and "/work/shared" not in text, path
         for section in re.findall(r"docs/protocol\.md §(\d+(?:\.\d+)?)", text):
             assert section in headings or section.split(".")[0] in headings, (path, section)
+
+
+def documented_rules() -> dict[str, set[str] | None]:
+    """docs/architecture.md's import table: room -> the rooms it may import (None: any room
+    but an entry point)."""
+    import re
+
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text.split("| room | imports from the package |", 1)[1].split("\n\n", 1)[0]
+    rules: dict[str, set[str] | None] = {}
+    for line in table.splitlines()[2:]:
+        rooms_cell, allowed_cell = (c.strip() for c in line.strip("|").split("|"))
+        allowed = None if "any room" in allowed_cell else set(
+            re.findall(r"`([\w.]+)`", allowed_cell))
+        for room in re.findall(r"`([\w.]+)`", rooms_cell):
+            rules[room] = allowed
+    return rules
+
+
+def _room(module: str) -> str:
+    """``sclip_lab.trunk_cache.entry`` -> ``trunk_cache``; the package itself -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_imports_follow_the_documented_rules():
+    rules = documented_rules()
+    graph = import_graph()
+    rooms = {_room(m) for m in graph} - {""}
+    assert rooms <= set(rules), f"rooms without a row in docs/architecture.md: " \
+                                f"{sorted(rooms - set(rules))}"
+    assert set(rules) <= rooms, f"rows for rooms that do not exist: {sorted(set(rules) - rooms)}"
+    entry_rooms = {_room(m) for m in ENTRY_POINTS} - {"prepare", "trunk_cache"}
+    broken = []
+    for module, deps in graph.items():
+        room = _room(module)
+        if not room:
+            continue
+        used = {_room(d) for d in deps} - {room, ""}
+        allowed = rules[room]
+        extra = used & entry_rooms if allowed is None else used - allowed
+        broken += [f"{module} imports {r}" for r in sorted(extra)]
+    assert not broken, "imports the table does not allow: " + "; ".join(broken)
+
+
+def test_the_rule_table_is_read():
+    """The parser sees the table (a test that cannot fail is a defect)."""
+    rules = documented_rules()
+    assert rules["errors"] == set() and rules["slurm"] == {"cli"} and rules["run"] is None
+    assert len(rules) > 30

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from sclip_lab.attention.proxy import proxy_attention
 from sclip_lab.errors import ConfigError
-from sclip_lab.pipeline import build_last_block, check_head
+from sclip_lab.head_spec import head_spec
+from sclip_lab.pipeline import build_last_block
 
 ATOL, RTOL = 1e-5, 1e-4
 SECTION = {"name": "proxy", "gamma": 3.0, "beta": 1.2}
@@ -197,4 +198,4 @@ def test_identical_features_keep_each_token_instead_of_nan():
 ])
 def test_bad_knobs_and_a_missing_proxy_fail_before_the_model(section, proxy, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        check_head(section, None, None, proxy)
+        head_spec(section, None, None, proxy)

@@ -35,7 +35,9 @@ from omegaconf import OmegaConf
 from sclip_lab import records
 from sclip_lab.config import CONF_DIR
 from sclip_lab.errors import ConfigError
+from sclip_lab.head_spec import head_spec
 from sclip_lab.pipeline import build_last_block
+from sclip_lab.pos_embed import DEFAULT_POS_EMBED
 from sclip_lab.text import get_templates
 
 ATOL, RTOL = 1e-5, 1e-4
@@ -70,10 +72,12 @@ def h0(enc, images):
 
 def lab(enc, images, section, queries=None, query_class=None):
     """The lab's last-block output (or logits) for ``section``, on a trunk that keeps the
-    hidden states the built variant declares."""
-    last = build_last_block(section, None, enc)
+    hidden states the built variant declares. The transcriptions here start from ``h0``,
+    the default rule's embedding, so the trunk does too (each method's own resize of the
+    position table is tested in test_pos_embed_rules.py)."""
+    last = build_last_block({"pos_embed": DEFAULT_POS_EMBED, **section}, None, enc)
     with torch.no_grad():
-        trunk = enc.trunk(images, last.early_layers, last.hidden_layers)
+        trunk = enc.trunk(images, last.early_layers, last.hidden_layers, last.pos_embed)
         assert trunk.grid == (6, 7)
         if queries is not None:
             return enc.logits(trunk, last, queries, query_class=query_class)
@@ -286,7 +290,7 @@ def test_surgery_declares_its_hidden_states_and_draws_its_last_map(enc, images):
                                                              "feature_surgery": True}
     assert build_last_block({"name": "surgery", "depth": 1}, None, enc).hidden_layers == ()
     with torch.no_grad():
-        trunk = enc.trunk(images, (), last.hidden_layers)
+        trunk = enc.trunk(images, (), last.hidden_layers, last.pos_embed)
         a = enc.last_attention(trunk, last)
         inputs = enc.last_inputs(trunk, last)
     torch.testing.assert_close(a, torch.softmax(inputs.v @ inputs.v.transpose(-2, -1) / 8, -1))
@@ -337,7 +341,7 @@ def test_each_window_is_its_own(enc, images, section):
 def test_gem_last_is_gems_last_term(enc, images):
     with torch.no_grad():
         last = build_last_block({"name": "gem", "depth": 2}, None, enc)
-        trunk = enc.trunk(images, (), last.hidden_layers)
+        trunk = enc.trunk(images, (), last.hidden_layers, last.pos_embed)
         g2 = enc.last_block(trunk, last)
         g1 = enc.last_block(trunk, build_last_block({"name": "gem", "depth": 1}, None, enc))
         o = enc.last_block(trunk, build_last_block({"name": "gem_last"}, None, enc))
@@ -351,7 +355,7 @@ def test_gem_last_is_gems_last_term(enc, images):
 def test_gem_rows_sum_to_one(enc, images, section):
     last = build_last_block(section, None, enc)
     with torch.no_grad():
-        a = enc.last_attention(enc.trunk(images, (), last.hidden_layers), last)
+        a = enc.last_attention(enc.trunk(images, (), last.hidden_layers, last.pos_embed), last)
     assert a.shape == (2, 2, 43, 43) and (a >= 0).all()
     torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 43), atol=1e-5, rtol=0)
 
@@ -403,14 +407,15 @@ def test_run_configs_compose_and_build(enc, overrides, params):
     last = build_last_block(section, None, enc)
     assert dict(last.params) == params
     records.result_key({**cfg, "attention": section})  # keys and summaries accept it
-    assert set(params) <= set(records.knob_fields(section))
+    assert set(params) <= set(head_spec(section).summary())
 
 
 def test_surgery_defaults_and_text_set():
     cfg = resolved("attention=surgery", "text=surgery85")
     assert cfg["attention"] == {"name": "surgery", "depth": 6, "feature_surgery": True,
                                 "residual": None, "ffn": None, "alpha": None,
-                                "pos_embed": "bilinear"}
+                                "pos_embed": None}  # null: the rule surgery declares
+    assert head_spec(cfg["attention"]).pos_embed == "bilinear"
     assert resolved("attention=gem")["attention"]["depth"] == 6
     tmpl = get_templates(cfg["text"]["templates"])
     assert len(tmpl) == 85 and tmpl[:80] == get_templates("openai_imagenet")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import TINY, openai_state_dict
 
 from sclip_lab import precision
+from sclip_lab.errors import ConfigError
 from sclip_lab.model import (
     DenseEncoder,
     ModelError,
@@ -149,6 +150,19 @@ def test_cpu_precision_advice_once_per_process(monkeypatch, caplog, native):
         assert infos == [] and len(warnings) == 1
         assert "emulated" in warnings[0] and "use precision=fp32 (or auto)" in warnings[0]
     precision.advise.cache_clear()
+
+
+def test_one_precision_table_and_resolver_for_clip_and_the_proxies():
+    """``precision.resolve``: names and the table's torch dtypes (a proxy following CLIP's
+    encoder) give the same name; anything else is the caller's error, the same line."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert precision.resolve("auto", cuda) == "fp16" and precision.resolve("auto", cpu) == "fp32"
+    assert [precision.resolve(d, cuda) for d in precision.PRECISIONS.values()] == list(
+        precision.PRECISIONS)
+    with pytest.raises(ConfigError, match=r"^precision=torch.float64 is not one of fp32\|"):
+        precision.resolve(torch.float64, cpu)
+    with pytest.raises(ModelError, match=r"^precision='fp8' is not one of auto\|fp32\|"):
+        resolve_precision("fp8", cpu)
 
 
 def test_native_probe_tolerates_a_torch_without_it(monkeypatch):

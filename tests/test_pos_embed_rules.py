@@ -37,7 +37,8 @@ from test_methods_surgery_gem import gem_forward, surgery_forward
 from sclip_lab import records, segment
 from sclip_lab.config import CONF_DIR
 from sclip_lab.errors import ConfigError
-from sclip_lab.pipeline import Head, Preprocess, Segmenter, build_last_block, check_head
+from sclip_lab.head_spec import head_spec
+from sclip_lab.pipeline import Head, Preprocess, Segmenter, build_last_block
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, POS_EMBED_RULES, interpolate_pos_embed
 from sclip_lab.trunk_cache import SUFFIX, digest, entry_name, open_cache
 
@@ -167,9 +168,14 @@ def resolved(*overrides: str) -> dict:
     ("surgery", "bilinear"), ("surgery_last", "bilinear"),
     ("csa", None), ("naclip", None), ("resclip", None),  # null: the default rule
 ])
-def test_each_preset_sets_its_rule(enc, attention, rule):
+def test_each_method_declares_its_rule(enc, attention, rule):
+    """The rule of a method's official code is declared where it registers (null in its
+    yaml: the variant's own), like its block; the composed head uses it."""
+    from sclip_lab.attention import ATTENTIONS
+
     section = resolved(f"attention={attention}")["attention"]
-    assert section["pos_embed"] == rule
+    assert section["pos_embed"] is None
+    assert ATTENTIONS[attention].pos_embed == (rule or DEFAULT_POS_EMBED)
     small = {**section, **({"depth": 2} if "depth" in section else {}),
              **({"rcs_start": 1, "rcs_end": 3} if attention == "resclip" else {})}
     assert build_last_block(small, None, enc).pos_embed == (rule or DEFAULT_POS_EMBED)
@@ -180,7 +186,7 @@ def test_each_preset_sets_its_rule(enc, attention, rule):
 def test_a_bad_rule_is_one_line_before_the_model_loads():
     with pytest.raises(ConfigError, match=r"attention=gem: attention\.pos_embed='nearest'; "
                                           r"choose one of \['bicubic_scale'") as err:
-        check_head({"name": "gem", "pos_embed": "nearest"}, None, None)
+        head_spec({"name": "gem", "pos_embed": "nearest"})
     assert "\n" not in str(err.value)
 
 
@@ -195,9 +201,12 @@ def test_the_rule_enters_a_result_key_only_off_its_default():
     assert records.result_key(explicit) == key
     other = {**base, "attention": {**base["attention"], "pos_embed": "bilinear"}}
     assert records.result_key(other) != key
+    # GEM's own rule is its declaration's: its key names it (its numbers changed), and the
+    # old rule given back is the key its records had before the rule existed (281a6c0).
     gem = resolved("attention=gem", "limit=1")
-    old_gem = {**gem, "attention": {**gem["attention"], "pos_embed": None}}
-    assert records.result_key(gem) != records.result_key(old_gem)  # its numbers changed
+    old_rule = resolved("attention=gem", "limit=1", "attention.pos_embed=bicubic_scale")
+    assert records.result_key(old_rule) == "b078449f6c2614eb"
+    assert records.result_key(gem) != records.result_key(old_rule)
 
 
 # ------------------------------------------------------------- shared trunk, trunk cache
@@ -227,9 +236,9 @@ def count_passes(seg: Segmenter, monkeypatch) -> list[str]:
     calls: list[str] = []
     trunk = seg.encoder.trunk
 
-    def spy(images, early=(), hidden=(), pos_embed=DEFAULT_POS_EMBED):
+    def spy(images, early=(), hidden=(), pos_embed=DEFAULT_POS_EMBED, features=()):
         calls.append(pos_embed)
-        return trunk(images, early, hidden, pos_embed)
+        return trunk(images, early, hidden, pos_embed, features)
 
     monkeypatch.setattr(seg.encoder, "trunk", spy)
     return calls
@@ -307,8 +316,8 @@ def test_a_variants_run_of_csa_and_gem_is_the_two_single_runs(tiny_inproc, bench
                                 tmp_path / "multi")
     singles = [evaluate_in_process([*base, *entry.split()], tmp_path / f"single{i}")[0]
                for i, entry in enumerate(["attention=csa", gem])]
-    assert [r["config"]["attention"]["pos_embed"] for r in multi] == [None,
-                                                                      "bicubic_antialias"]
+    assert [head_spec(r["config"]["attention"]).pos_embed for r in multi] == [
+        DEFAULT_POS_EMBED, "bicubic_antialias"]  # null in the config: each variant's own
     for shared, single in zip(multi, singles):
         assert shared["metrics"] == single["metrics"] and shared["key"] == single["key"]
     plain = evaluate_in_process([*base, *gem.split(), "attention.pos_embed=bicubic_scale"],

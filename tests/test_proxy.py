@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sclip_lab import proxy as P
-from sclip_lab.errors import ConfigError, UserError
+from sclip_lab.errors import MAX_LINE, ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 IMNET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -451,6 +451,37 @@ def test_official_pos_embed_rules():
     assert P.official_pos_embed(table, (24, 36), "dino").shape == (1, 24 * 36, 8)
 
 
+def test_every_family_resizes_by_the_pos_embed_rules_clip_uses(loaded, files, monkeypatch):
+    """One position-embedding interpolation: each family's official resize is a rule of
+    ``sclip_lab.pos_embed`` (DINO's is SCLIP's default, DINOv2's GEM's, MAE's plain bicubic);
+    SAM at another input size too, bitwise the timm rule it used to call."""
+    from timm.layers import resample_abs_pos_embed_nhwc
+
+    from sclip_lab import pos_embed
+
+    used = []
+    for rule, fn in list(pos_embed.RULES.items()):
+        monkeypatch.setitem(pos_embed.RULES, rule,
+                            lambda p, g, rule=rule, fn=fn: used.append(rule) or fn(p, g))
+    _, windows = _images(1, 32, 48)
+    for name, rule in [("dino_vitb8", "bicubic_scale"), ("dinov2_vitb14_reg", "bicubic_antialias"),
+                       ("mae_vitb16", "bicubic")]:
+        used.clear()
+        loaded[name](windows)
+        assert used == [rule], name
+    sam = P.load_proxy({"name": "sam_vitb", "pretrained": str(files["sam_small"]),
+                        "input_size": 48}, arch_kwargs=SAM_SMALL)  # grid 3×3, the file's 4×4
+    used.clear()
+    out = sam(windows)
+    assert used == ["bicubic_antialias"] and out.shape == (1, 256, 3, 3)
+    m = sam.model
+    t = m.patch_embed.proj(sam.prepare(windows)).permute(0, 2, 3, 1)
+    t = m.norm_pre(t + resample_abs_pos_embed_nhwc(m.pos_embed, list(t.shape[1:3])))
+    for blk in m.blocks:
+        t = blk(t)
+    _exact(out, m.neck(t.permute(0, 3, 1, 2)))
+
+
 # -------------------------------------------------------------------------------- errors
 
 
@@ -539,6 +570,8 @@ def test_incomplete_or_misshapen_file(tmp_path):
     with pytest.raises(P.ProxyError) as e:
         P.load_proxy({"name": "dino_vitb16", "pretrained": str(path)}, arch_kwargs={"depth": 2})
     assert "1 missing keys" in _one_line(e) and "blocks.1.mlp.fc2.weight" in _one_line(e)
+    assert len(_one_line(e)) - len(str(path)) <= MAX_LINE and "blocks.1.mlp.fc2.weight" in (
+        e.value.detail)
     sd = _random_like(_timm_shapes("vit_small_patch16_224.dino", depth=2), seed=3)
     torch.save(sd, path)
     with pytest.raises(P.ProxyError) as e:
@@ -582,6 +615,10 @@ def test_bad_precision(files):
         P.load_proxy({"name": "dino_vitb8", "pretrained": str(files["dino_vitb8"])},
                      precision="fp8")
     assert "precision='fp8'" in _one_line(e)
+    with pytest.raises(ConfigError) as e:  # CLIP's table (sclip_lab.precision), no other dtype
+        P.load_proxy({"name": "dino_vitb8", "pretrained": str(files["dino_vitb8"])},
+                     precision=torch.float64)
+    assert "precision=torch.float64 is not one of" in _one_line(e)
 
 
 def test_errors_are_user_errors():

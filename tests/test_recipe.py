@@ -18,6 +18,7 @@ from sclip_lab import attention as attn
 from sclip_lab import records
 from sclip_lab.config import CONF_DIR
 from sclip_lab.errors import ConfigError
+from sclip_lab.head_spec import head_spec
 from sclip_lab.knobs import Knob
 from sclip_lab.pipeline import build_last_block
 
@@ -151,7 +152,7 @@ def test_a_new_variant_gets_validation_keys_and_summary_fields_from_its_declarat
         assert key == {"name": "test_scaled", "gain": 2.0}  # block at its defaults: not keyed
         assert variant.key_section({"name": "test_scaled", "gain": 2.0, "ffn": False}) == {
             "name": "test_scaled", "gain": 2.0, "ffn": False}
-        summary = records.knob_fields({"name": "test_scaled", "gain": None})
+        summary = head_spec({"name": "test_scaled", "gain": None}).summary()
         assert (summary["gain"], summary["residual"], summary["ffn"], summary["alpha"]) == (
             1.0, False, True, 1.0)
     finally:

@@ -19,8 +19,11 @@ from sclip_lab.trunk_cache import SUFFIX, folder_usage, open_cache
 from sclip_lab.trunk_cache.__main__ import main as cache_cli
 
 # A head of each kind of trunk use: none, a borrowed early map, hidden states (surgery,
-# SC-CLIP), borrowed maps plus the window pixels and the text (ResCLIP's two passes).
-SECTIONS = [{"name": "csa"}, {"name": "early", "layer": 2}, {"name": "surgery", "depth": 2},
+# SC-CLIP), borrowed maps plus the window pixels and the text (ResCLIP's two passes); all
+# on one trunk (surgery's own position rule would give it entries of its own: the rules
+# have their tests in test_pos_embed_rules.py).
+SECTIONS = [{"name": "csa"}, {"name": "early", "layer": 2},
+            {"name": "surgery", "depth": 2, "pos_embed": "bicubic_scale"},
             {"name": "scclip", "pre_layer": 2, "post_layer": 1, "multi_start": 1,
              "multi_end": 3, "lof_k": 5}, {"name": "resclip", "rcs_start": 1, "rcs_end": 2}]
 INFO = {"arch": "sclip-tiny-vit", "pretrained": "tiny.pt", "weights_sha256": "ab" * 32,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
 from functools import partial
 
 from hydra.core.hydra_config import HydraConfig
@@ -19,8 +18,8 @@ from torch import Tensor
 from sclip_lab import data
 from sclip_lab.config import variant_overrides
 from sclip_lab.errors import ConfigError, number
-from sclip_lab.pipeline import Head, Preprocess, Segmenter, build_head, build_segmenter
-from sclip_lab.trunk_cache import open_cache
+from sclip_lab.head_spec import HeadSpec, head_spec_of
+from sclip_lab.pipeline import Preprocess, Segmenter, build_segmenter
 
 log = logging.getLogger("sclip_lab")
 
@@ -105,36 +104,32 @@ def vocabulary(cfg: DictConfig) -> tuple[list[str], float, float, float | None]:
 
 def segmenter_from_config(cfg: DictConfig, classes: Sequence[str], logit_scale: float,
                           prob_thd: float, area_thd: float | None,
-                          prep: Preprocess | None = None) -> tuple[Segmenter, dict]:
-    """``build_segmenter`` with the sections of a composed run/predict config (``prep``:
-    the preprocessing already built for the data loader, else ``cfg.preprocess``), with
-    the trunk cache when ``trunk_cache`` names a folder."""
-    segmenter, info = build_segmenter(
-        model=cfg.model, attention=cfg.attention, projection=cfg.get("projection"),
-        preprocess=prep or cfg.preprocess, postprocess=cfg.get("postprocess"),
-        classes=list(classes), logit_scale=logit_scale, prob_thd=prob_thd, area_thd=area_thd,
-        templates=cfg.text.templates, device=cfg.device, precision=cfg.precision,
-        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, learned=learned_of(cfg),
-        proxy=cfg.get("proxy"))
-    if cfg.get("trunk_cache"):
-        segmenter.trunk_cache = open_cache(cfg.trunk_cache, cfg.get("trunk_cache_dtype", "fp32"),
-                                           segmenter.encoder, info, asdict(segmenter.prep))
-    return segmenter, info
+                          prep: Preprocess | None = None,
+                          heads: Sequence[tuple[HeadSpec, LearnedWeights]] | None = None,
+                          keep_going: bool = False) -> tuple[Segmenter, dict]:
+    """``build_segmenter`` (the one builder) with the sections of a composed run/predict
+    config: its model, text, device, precision, batch size, caches (the trunk cache when
+    ``trunk_cache`` names a folder) and ``heads`` — ``[(spec, learned weights)]``, default
+    the config's own head. ``prep``: the preprocessing already built for the data loader,
+    else ``cfg.preprocess``."""
+    heads = list(heads) if heads is not None else [(head_spec_of(cfg), learned_of(cfg))]
+    return build_segmenter(
+        model=cfg.model, heads=[h for h, _ in heads], learned=[w for _, w in heads],
+        preprocess=prep or cfg.preprocess, classes=None if classes is None else list(classes),
+        logit_scale=logit_scale,
+        prob_thd=prob_thd, area_thd=area_thd, templates=cfg.text.templates,
+        device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
+        cache_dir=cfg.cache_dir, trunk_cache=cfg.get("trunk_cache") or None,
+        trunk_cache_dtype=cfg.get("trunk_cache_dtype", "fp32"), keep_going=keep_going)
 
 
-def learned_of(cfg: DictConfig) -> tuple[Tensor, Tensor | None] | None:
+LearnedWeights = tuple[Tensor, Tensor | None] | None
+
+
+def learned_of(cfg: DictConfig) -> LearnedWeights:
     """The trained (W, b) when ``cfg`` asks for ``projection=learned``, else None."""
     if cfg.get("projection") is None or cfg.projection.name != "learned":
         return None
     from sclip_lab.learned import learned_projection  # torch-heavy training code: lazily
 
     return learned_projection(cfg)
-
-
-def head_from_config(cfg: DictConfig, segmenter: Segmenter) -> Head:
-    """A variant's validated head (last block + refinement) for ``segmenter``'s encoder,
-    its proxy backbone loaded into the segmenter (shared with heads of the same proxy)."""
-    head = build_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"),
-                      segmenter.encoder, learned_of(cfg), cfg.get("proxy"))
-    segmenter.add_proxy(head)
-    return head

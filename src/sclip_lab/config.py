@@ -12,9 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
-from sclip_lab.attention import ATTENTIONS, DEFAULT_PROJECTION
 from sclip_lab.errors import ConfigError
-from sclip_lab.knobs import BLOCK_KNOBS, TRUNK_KNOBS, record_value
+from sclip_lab.head_spec import HeadSpec, head_spec_of
+from sclip_lab.knobs import BLOCK_KNOBS, TRUNK_KNOBS
 
 log = logging.getLogger("sclip_lab")
 
@@ -60,49 +60,17 @@ def window_of(window: int | None, name: str, whole_image: Sequence[str] | None) 
     return None if name in (whole_image or ()) else window
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(record_value(list(value) if isinstance(value, Sequence)
-                            and not isinstance(value, str) else value))
-
-
-def _differs(value: Any, default: Any) -> bool:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return not isinstance(default, Sequence) or list(value) != list(default)
-    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
-        return float(value) != float(default)
-    return value != default
-
-
-def variant_label(config: Mapping[str, Any]) -> str:
-    """A variant named fully by what sets it apart: the attention, then its projection,
-    knobs that differ from their defaults, its proxy backbone, post-processing and a
-    non-default protocol — ``csa random n=16``, ``local kernel=5``, ``naclip pamr
-    protocol=naclip``, ``proxy dino_vitb8 protocol=proxyclip``."""
-    att = dict(config["attention"])
-    parts = [str(att["name"])]
-    variant = ATTENTIONS.get(att["name"])
-    if variant is not None:
-        if variant.proxy:  # the backbone that gives the attention: dino_vitb8, clip_self
-            proxy = config.get("proxy") or {}
-            parts.append(str(proxy.get("name", "none")))
-            parts += [f"layer={proxy['layer']}"] if proxy.get("layer") is not None else []
-        proj = config.get("projection")
-        if variant.projection and proj and proj.get("name") != DEFAULT_PROJECTION:
-            parts.append(str(proj["name"]))
-            if proj["name"] == "random":
-                parts.append(f"n={proj.get('n')}")
-                parts += [f"trial={proj['trial']}"] if proj.get("trial") else []
-        for knob in variant.knobs:
-            keys = [k for k in (knob.name, *knob.aliases) if att.get(k) is not None]
-            if keys and _differs(att[keys[0]], knob.default):
-                parts.append(f"{knob.name}={_text(att[keys[0]])}")
-        block = variant.block_defaults()
-        parts += [f"{k.name}={_text(att[k.name])}" for k in BLOCK_KNOBS
-                  if att.get(k.name) is not None and _differs(att[k.name], block[k.name])]
-    post = (config.get("postprocess") or {}).get("name", "none")
-    parts += [post] if post != "none" else []
+def variant_label(config: Mapping[str, Any], spec: HeadSpec | None = None) -> str:
+    """A variant named fully by what sets it apart (``HeadSpec.label``: the attention, its
+    projection set, knobs that differ from their defaults, its proxy backbone,
+    post-processing), then a non-default protocol — ``csa random n=16``, ``local
+    kernel=5``, ``naclip pamr protocol=naclip``, ``proxy dino_vitb8 protocol=proxyclip``."""
+    if spec is None:
+        try:
+            spec = head_spec_of(config, require_proxy=False)
+        except ConfigError:  # an unknown variant is named as given
+            spec = None
+    parts = spec.label_parts() if spec is not None else [str(config["attention"]["name"])]
     protocol = (config.get("protocol") or {}).get("name", "sclip")
     parts += [f"protocol={protocol}"] if protocol != "sclip" else []
     return " ".join(parts)

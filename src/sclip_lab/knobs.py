@@ -192,7 +192,10 @@ class Variant:
             block l, l ≤ D − 1; 0 is the embedding after ln_pre).
         prepare: bound knobs, context -> the keyword arguments of ``fn`` (cross-checks,
             weights such as CSA's projection set).
-        projection: accepts the ``projection`` group (CSA).
+        projection: ``(projection section | None, bound knobs) -> spec`` for a variant that
+            reads the ``projection`` group (CSA: ``ProjectionSpec``, with ``summary()`` and
+            ``label()``), else None.
+        pos_embed: the position-embedding rule of its official code (``TRUNK_KNOBS``).
         output: ``attention`` (fn returns A) or ``tokens`` (fn returns the last block's
             output ``(B, N, D)`` itself: multi-block paths such as CLIP Surgery's).
         readout: ``(feats (B, N, E) unit rows incl. CLS, queries (Q, E), **knobs) ->
@@ -202,6 +205,9 @@ class Variant:
             block's attention on their path, for figures.
         proxy: reads a proxy backbone's features (``AttentionInputs.proxy``, the ``proxy``
             group); its tokens, and so its logits, lie on the proxy's grid.
+        features: bound knobs -> the named trunk features it reads (``kind`` or
+            ``kind.arg``, each of a provider registered with ``sclip_lab.features``), found
+            in ``AttentionInputs.named``.
     """
 
     name: str
@@ -214,11 +220,13 @@ class Variant:
     hidden: Callable[[Mapping[str, Any], int], tuple[int, ...]] = field(
         default=lambda p, depth: ())
     prepare: Callable[[dict, BindContext], dict] | None = None
-    projection: bool = False
+    projection: Callable[[Mapping[str, Any] | None, Mapping[str, Any]], Any] | None = None
     output: str = "attention"
     readout: Callable[..., Tensor] | None = None
     maps: Callable[..., Tensor] | None = None
     proxy: bool = False
+    features: Callable[[Mapping[str, Any]], tuple[str, ...]] = field(default=lambda p: ())
+    pos_embed: str = DEFAULT_POS_EMBED
 
     def attention_map(self, inputs: Any, params: Mapping[str, Any]) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention under this variant."""
@@ -287,10 +295,9 @@ class Variant:
                     float(value) != float(defaults[key]) if key == "alpha"
                     else value != defaults[key]):
                 out[key] = value
-        for knob in TRUNK_KNOBS:
-            value = section.get(knob.name)
-            if value is not None and value != knob.default:
-                out[knob.name] = value
+        value = section.get("pos_embed") or self.pos_embed  # its own rule, unless overridden
+        if value != TRUNK_KNOBS[0].default:
+            out["pos_embed"] = value
         return out
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,17 @@ from sclip_lab.attention import (
     merge_heads,
     softmax_attention,
 )
+from sclip_lab.checkpoint import load_state
 from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError, brief
+from sclip_lab.features import TrunkOutput, check_names, compute, context
 from sclip_lab.files import file_digest
 from sclip_lab.knobs import Variant, call_with
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, interpolate_pos_embed
-from sclip_lab.precision import advise as advise_precision
+from sclip_lab.precision import resolve
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Buffers OpenAI's TorchScript CLIP carries beside its weights; their presence marks the format.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -61,13 +62,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> fp16 on CUDA, fp32 on CPU; logs once what a CPU precision costs."""
-    if precision != "auto" and precision not in PRECISIONS:
-        raise ModelError(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
-    advise_precision(precision, device.type)
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
+    """``auto`` -> fp16 on CUDA, fp32 on CPU (``precision.resolve``, as a ModelError)."""
+    return resolve(precision, device, ModelError)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], bool]:
@@ -167,7 +163,8 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
     if not isinstance(getattr(model, "visual", None), open_clip.transformer.VisionTransformer):
         raise ModelError(f"{arch} has no open_clip VisionTransformer tower; use a ViT config")
     if state is not None:
-        _load_state(model, state, path, built)
+        load_state(model, state, path, f"model.arch={built}",
+                   "set model.arch to the checkpoint's architecture", error=ModelError)
     model.eval().requires_grad_(False)
     info = {"arch": built, "pretrained": pretrained, "precision": prec, "device": str(dev),
             "quick_gelu": bool(quick_gelu), "openai_format": bool(openai),
@@ -182,66 +179,7 @@ def clip_from_section(model: Mapping[str, Any], precision: str = "auto", device:
                      model.get("quick_gelu"), model.get("config_file"))
 
 
-def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path, arch: str) -> None:
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    result = None
-    if not mismatched:
-        result = model.load_state_dict(state, strict=False)
-    missing = [k for k in (result.missing_keys if result else []) if k in own]
-    if mismatched or missing:
-        raise ModelError(f"{path} does not fit model.arch={arch}: "
-                         f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]}), "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}); set model.arch "
-                         "to the checkpoint's architecture")
-    if result and result.unexpected_keys:
-        log.warning("%s: ignored %d unexpected keys (e.g. %s)", path,
-                    len(result.unexpected_keys), result.unexpected_keys[:3])
-
-
 # ------------------------------------------------------------------------ dense forward
-
-
-@dataclass
-class TrunkOutput:
-    """Blocks 1…depth−1 applied to a window batch.
-
-    Attributes:
-        x: ``(B, N, D)`` input of the last block.
-        grid: ``(h, w)`` patch grid.
-        early: layer (1-indexed) -> ``(B, heads, N, N)`` vanilla attention map of that block.
-        hidden: layer l -> ``(B, N, D)`` stream after block l (0: after ln_pre).
-        images: ``(B, 3, H, W)`` the normalised windows themselves (crop-level refinement).
-        proxy: proxy spec -> ``(B, C, Hv, Wv)`` that proxy backbone's window features.
-        pos_embed: the position-embedding rule it was embedded by (heads read their own).
-    """
-
-    x: Tensor
-    grid: tuple[int, int]
-    early: dict[int, Tensor] = field(default_factory=dict)
-    hidden: dict[int, Tensor] = field(default_factory=dict)
-    images: Tensor | None = None
-    proxy: dict[Any, Tensor] = field(default_factory=dict)
-    pos_embed: str = DEFAULT_POS_EMBED
-
-    def select(self, start: int, stop: int) -> TrunkOutput:
-        """Windows ``start:stop`` of the batch."""
-        def rows(d: dict) -> dict:
-            return {k: v[start:stop] for k, v in d.items()}
-        return TrunkOutput(self.x[start:stop], self.grid, rows(self.early), rows(self.hidden),
-                           None if self.images is None else self.images[start:stop],
-                           rows(self.proxy), self.pos_embed)
-
-    @staticmethod
-    def cat(parts: Sequence[TrunkOutput]) -> TrunkOutput:
-        """Window batches of the same grid, concatenated."""
-        def join(name: str) -> dict:
-            return {k: torch.cat([getattr(p, name)[k] for p in parts])
-                    for k in getattr(parts[0], name)}
-        images = None if any(p.images is None for p in parts) else torch.cat(
-            [p.images for p in parts])
-        return TrunkOutput(torch.cat([p.x for p in parts]), parts[0].grid, join("early"),
-                           join("hidden"), images, join("proxy"), parts[0].pos_embed)
 
 
 @dataclass(frozen=True)
@@ -258,6 +196,10 @@ class LastBlock:
     alpha: float = 1.0
     proxy: Any = None  # the proxy spec whose features it reads (TrunkOutput.proxy key)
     pos_embed: str = DEFAULT_POS_EMBED  # the trunk it reads: its position-embedding rule
+    features: tuple[str, ...] = ()  # the named trunk features it reads (features.py)
+
+    def __post_init__(self):
+        check_names(self.features)  # a provider for each, registered before it is built
 
     @property
     def keeps_residual(self) -> bool:
@@ -301,11 +243,12 @@ class DenseEncoder(nn.Module):
         return v.ln_pre(x), grid
 
     def trunk(self, images: Tensor, early_layers: Sequence[int] = (),
-              hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
-              ) -> TrunkOutput:
+              hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED,
+              features: Sequence[str] = ()) -> TrunkOutput:
         """Blocks 1…depth−1 on ``(B, 3, H, W)``, keeping the attention maps of ``early_layers``
         (1-indexed; ``depth`` means the last block's own vanilla map, computed in ``head``)
-        and the stream after each of ``hidden_layers`` (0: the embedding after ln_pre)."""
+        and the stream after each of ``hidden_layers`` (0: the embedding after ln_pre), then
+        the named ``features`` of their providers (``sclip_lab.features``)."""
         x, grid = self.embed(images, pos_embed)
         early, hidden = {}, {}
         if 0 in hidden_layers:
@@ -317,7 +260,9 @@ class DenseEncoder(nn.Module):
             x = block(x)
             if i in hidden_layers:
                 hidden[i] = x
-        return TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
+        out = TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
+        out.named.update(compute(features, context(out, self)))
+        return out
 
     def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, h·w, E)`` L2-normalised patch features (CLS dropped) after ``last``'s block."""
@@ -331,11 +276,14 @@ class DenseEncoder(nn.Module):
                     logit_scale: float | None = None) -> AttentionInputs:
         """What the last block's attention variant sees: LN1 output, per-head q/k/v with
         in_proj biases, the grid, borrowed maps (the last block's own vanilla map too),
-        hidden states, the blocks, and for two-pass methods the text queries, the
-        segmenter's logit scale, the windows' pixels and the readout."""
+        hidden states, the blocks, its named features, and for two-pass methods the text
+        queries, the segmenter's logit scale, the windows' pixels and the readout."""
         if trunk.pos_embed != last.pos_embed:  # a bug of the caller, never a user's input
             raise ValueError(f"a head of pos_embed={last.pos_embed} was given a trunk embedded "
                              f"by {trunk.pos_embed}; run the trunk with its rule")
+        if missing := [n for n in last.features if n not in trunk.named]:  # a caller's bug too
+            raise ValueError(f"a head reading the features {missing} was given a trunk "
+                             "without them; run the trunk with them (trunk_for, encode_heads)")
         block = self.visual.transformer.resblocks[-1]
         z = block.ln_1(trunk.x)
         q, k, v = attention_qkv(block, z)
@@ -347,7 +295,7 @@ class DenseEncoder(nn.Module):
         return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
                                self.visual.transformer.resblocks, block_knobs, queries,
                                trunk.images, self.features, trunk.proxy.get(last.proxy),
-                               logit_scale)
+                               logit_scale, named={n: trunk.named[n] for n in last.features})
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
@@ -383,7 +331,8 @@ class DenseEncoder(nn.Module):
 
     def trunk_for(self, images: Tensor, last: LastBlock) -> TrunkOutput:
         """``trunk`` with everything ``last`` reads, by its position-embedding rule."""
-        return self.trunk(images, last.early_layers, last.hidden_layers, last.pos_embed)
+        return self.trunk(images, last.early_layers, last.hidden_layers, last.pos_embed,
+                          last.features)
 
     def forward(self, images: Tensor, last: LastBlock) -> Tensor:
         return self.head(self.trunk_for(images, last), last)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -15,99 +15,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sclip_lab import attention as attn
 from sclip_lab import segment
-from sclip_lab.errors import ConfigError, integer
-from sclip_lab.knobs import BindContext, bind_trunk
-from sclip_lab.model import DenseEncoder, LastBlock, TrunkOutput, clip_from_section
+from sclip_lab.errors import ConfigError, UserError, integer
+from sclip_lab.features import add_features
+from sclip_lab.head_spec import HeadSpec, head_spec
+from sclip_lab.heads import Head, build_head, build_last_block, head_of
+from sclip_lab.images import ImageLike, as_rgb, is_many
+from sclip_lab.model import DenseEncoder, TrunkOutput, clip_from_section
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED
 from sclip_lab.preprocess import Preprocess
-from sclip_lab.proxy import ProxyBackbone, load_proxy, proxy_spec, window_features
+from sclip_lab.proxy import ProxyBackbone, load_proxy, window_features
 from sclip_lab.text import classifier, split_queries
-from sclip_lab.trunk_cache import TrunkCache
+from sclip_lab.trunk_cache import TrunkCache, open_cache
 
 log = logging.getLogger(__name__)
-
-
-def build_refine(section: Mapping[str, Any] | None) -> segment.Refine | None:
-    name = (section or {}).get("name", "none")
-    if name == "none":
-        return None
-    if name != "pamr":
-        raise ConfigError(f"unknown postprocess={name!r}; choose none or pamr")
-    steps = integer(section.get("steps", 10), "postprocess.steps")
-    dil = tuple(integer(d, "postprocess.dilations") for d in section["dilations"] or ())
-    if steps < 1 or not dil or min(dil) < 1:
-        raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
-                          f"(got steps={steps}, dilations={list(dil)})")
-    return segment.Refine(steps, dil)
-
-
-def _variant(attention: Mapping[str, Any], projection: Mapping[str, Any] | None):
-    variant = attn.get_variant(attention.get("name"))
-    if projection is not None and not variant.projection:
-        raise ConfigError(f"attention={variant.name} has no projection; projection="
-                          f"{projection['name']} applies to attention=csa only (drop the "
-                          "projection override)")
-    return variant
-
-
-def check_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
-               postprocess: Mapping[str, Any] | None,
-               proxy: Mapping[str, Any] | None = None) -> None:
-    """What a head's config can be checked for before the model exists (knob types and
-    ranges, the projection set, post-processing, the proxy): bad values fail in the first
-    second."""
-    variant = _variant(attention, projection)
-    variant.bind(attention, None)
-    if variant.projection:
-        attn.check_projection(projection, attention.get("combine"))
-    build_refine(postprocess)
-    proxy_spec(variant, proxy)
-
-
-def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
-                     encoder: DenseEncoder,
-                     learned: tuple[Tensor, Tensor | None] | None = None,
-                     proxy: Mapping[str, Any] | None = None) -> LastBlock:
-    """Validate an attention section against its variant's declared knobs and bind them.
-
-    Args:
-        attention: ``cfg.attention`` (``name``, the variant's knobs, the block knobs).
-        projection: ``cfg.projection`` or None (variants that take one: csa).
-        encoder: the dense encoder whose last block supplies W_q / W_k.
-        learned: the trained (W, b) for ``projection=learned``.
-        proxy: ``cfg.proxy``, read by proxy variants (ProxyCLIP).
-    """
-    variant = _variant(attention, projection)
-    knobs, block = variant.bind(attention, encoder.depth)  # checks the trunk knobs too
-    borrowed = tuple(variant.borrows(knobs))
-    hidden = tuple(variant.hidden(knobs, encoder.depth))
-    spec = proxy_spec(variant, proxy, encoder.depth)
-    if spec is not None and spec.arch is None:  # clip_self: CLIP's own hidden state
-        hidden = tuple(sorted({*hidden, spec.layer}))
-    if variant.prepare is not None:
-        block_attn = encoder.visual.transformer.resblocks[-1].attn
-        knobs = variant.prepare(knobs, BindContext(block_attn, projection, learned))
-    return LastBlock(variant, knobs, borrowed, hidden, **block, proxy=spec,
-                     **bind_trunk(attention))
-
-
-@dataclass(frozen=True)
-class Head:
-    """What differs between variants that share a trunk: the last block and refinement."""
-
-    last: LastBlock
-    refine: segment.Refine | None = None
-
-
-def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
-               postprocess: Mapping[str, Any] | None, encoder: DenseEncoder,
-               learned: tuple[Tensor, Tensor | None] | None = None,
-               proxy: Mapping[str, Any] | None = None) -> Head:
-    """A variant's last block and refinement, validated."""
-    return Head(build_last_block(attention, projection, encoder, learned, proxy),
-                build_refine(postprocess))
 
 
 @dataclass
@@ -139,6 +60,8 @@ class Segmenter:
     batch_size: int = 16
     trunk_cache: TrunkCache | None = None  # blocks 1…depth−1 on disk: speed only
     proxies: dict[Any, ProxyBackbone | None] = field(default_factory=dict)  # spec -> backbone
+    # heads the builder could not build on this model (keep_going): index -> why
+    skipped: dict[int, UserError] = field(default_factory=dict)
     # fp32 scratch for one image's stitched logits on CPU, reused (iter_class_maps)
     scratch: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -155,11 +78,9 @@ class Segmenter:
         """Trunk hidden states some head reads (multi-block paths, mid-layer features)."""
         return tuple(sorted({i for h in heads for i in h.last.hidden_layers}))
 
-    def add_proxy(self, head: Head) -> None:
-        """Load the proxy backbone ``head`` reads (once per spec; heads share it)."""
-        spec = head.last.proxy
-        if spec is not None and spec not in self.proxies:
-            self.proxies[spec] = load_proxy(spec, self.device, self.encoder.dtype)
+    def feature_names(self, heads: Sequence[Head]) -> tuple[str, ...]:
+        """Named trunk features some head reads (``sclip_lab.features``), each once."""
+        return tuple(sorted({n for h in heads for n in h.last.features}))
 
     def head_trunks(self, images: Sequence[Tensor], heads: Sequence[Head]
                     ) -> Iterator[tuple[Head, list[WindowGroup]]]:
@@ -180,10 +101,11 @@ class Segmenter:
     def encode_heads(self, images: Sequence[Tensor], heads: Sequence[Head]
                      ) -> list[WindowGroup]:
         """``encode`` with everything ``heads`` (of one position-embedding rule) read:
-        borrowed maps, hidden states and the proxies' window features (each proxy once per
-        window, shared by its heads)."""
+        borrowed maps, hidden states, named features and the proxies' window features (each
+        once per window, shared by the heads that read it)."""
         (rule,) = {h.last.pos_embed for h in heads}
-        groups = self.encode(images, self.early_layers(heads), self.hidden_layers(heads), rule)
+        groups = self.encode(images, self.early_layers(heads), self.hidden_layers(heads), rule,
+                             self.feature_names(heads))
         for spec in dict.fromkeys(h.last.proxy for h in heads if h.last.proxy is not None):
             for g in groups:
                 g.trunk.proxy[spec] = window_features(
@@ -199,25 +121,28 @@ class Segmenter:
 
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
-               hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
-               ) -> list[WindowGroup]:
+               hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED,
+               features: Sequence[str] = ()) -> list[WindowGroup]:
         """Trunk outputs of every sliding window of ``images`` (each ``(3, Hr, Wr)``),
-        batched across images by window size, keeping ``early_layers``' attention maps and
-        ``hidden_layers``' hidden states, embedded by the rule ``pos_embed``. With a
-        ``trunk_cache``, images met before are read from it (the same groups and values;
-        each rule its own entries), the others computed and stored."""
+        batched across images by window size, keeping ``early_layers``' attention maps,
+        ``hidden_layers``' hidden states and the named ``features``, embedded by the rule
+        ``pos_embed``. With a ``trunk_cache``, images met before are read from it (the same
+        groups and values; each rule its own entries), the others computed and stored."""
         if self.trunk_cache is None:
-            return self.trunk_pass(images, early_layers, hidden_layers, pos_embed)
+            return self.trunk_pass(images, early_layers, hidden_layers, pos_embed, features)
         tag = "" if pos_embed == DEFAULT_POS_EMBED else f"pos_embed={pos_embed}"
-        return [WindowGroup(owners, replace(trunk, pos_embed=pos_embed))
-                for owners, trunk in self.trunk_cache.encode(
-                    images, self.prep.boxes, early_layers, hidden_layers,
-                    partial(self.trunk_pass, pos_embed=pos_embed), self.device, tag)]
+        groups = [WindowGroup(owners, replace(trunk, pos_embed=pos_embed))
+                  for owners, trunk in self.trunk_cache.encode(
+                      images, self.prep.boxes, early_layers, hidden_layers,
+                      partial(self.trunk_pass, pos_embed=pos_embed), self.device, tag, features)]
+        for g in groups:  # what the cache does not store (providers with cache=False)
+            add_features(g.trunk, features, self.encoder, self.batch_size)
+        return groups
 
     @torch.no_grad()
     def trunk_pass(self, images: Sequence[Tensor], early_layers: Sequence[int] = (),
-                   hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED
-                   ) -> list[WindowGroup]:
+                   hidden_layers: Sequence[int] = (), pos_embed: str = DEFAULT_POS_EMBED,
+                   features: Sequence[str] = ()) -> list[WindowGroup]:
         """``encode`` without the cache: blocks 1…depth−1 on every window."""
         owners: dict[tuple[int, int], list] = {}
         for i, img in enumerate(images):
@@ -230,7 +155,7 @@ class Segmenter:
             for start in range(0, len(members), self.batch_size):
                 crops = self.crops(images, members[start:start + self.batch_size])
                 parts.append(self.encoder.trunk(crops, early_layers, hidden_layers,
-                                                pos_embed))
+                                                pos_embed, features))
             groups.append(WindowGroup(members, TrunkOutput.cat(parts)))
         return groups
 
@@ -317,14 +242,20 @@ class Segmenter:
         """``[head][image] -> (Q, H, W)`` for preprocessed images, one shared trunk pass."""
         return list(self.iter_heads(resized, sizes, heads))
 
-    def logits(self, image: np.ndarray | None = None, *, resized: Tensor | None = None,
-               size: tuple[int, int] | None = None) -> Tensor:
-        """``(Q, H, W)`` stitched cosine logits of one image under the default head.
+    def logits(self, image: ImageLike | Sequence[ImageLike] | None = None, *,
+               resized: Tensor | None = None, size: tuple[int, int] | None = None
+               ) -> Tensor | list[Tensor]:
+        """``(Q, H, W)`` stitched cosine logits of one image under the default head (a list
+        of images gives a list), before the logit scale; Q queries, one per synonym.
 
-        Pass either the ``(H, W, 3)`` uint8 image, or its preprocessed ``(3, Hr, Wr)`` tensor
+        Pass either the image (a path, an ``(H, W, 3)`` uint8 array, a PIL image or a
+        ``(3, H, W)`` tensor: ``images.as_rgb``), or its preprocessed ``(3, Hr, Wr)`` tensor
         (``resized``, e.g. from a DataLoader worker) together with the original ``size``.
         """
         if resized is None:
+            if is_many(image):
+                return [self.logits(one) for one in image]
+            image = as_rgb(image)
             size = image.shape[:2]
             resized = self.prep(image)
         return self.logits_many([resized], [tuple(size)], self.heads[:1])[0][0]
@@ -346,16 +277,23 @@ class Segmenter:
             lambda: segment.stitch_blocks(windows, *resized.shape[1:], size),
             (q, *size), self.post, self.device)
 
+    def segment(self, image: ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
+        """The ``(H, W)`` int64 numpy class map of an image under the default head (a list
+        of images gives a list): indices into the vocabulary's classes. ``image``: a path,
+        an ``(H, W, 3)`` uint8 array, a PIL image or a ``(3, H, W)`` tensor (uint8, or
+        float in 0…1); ``class_map`` of ``images.as_rgb(image)``."""
+        if is_many(image):
+            return [self.segment(one) for one in image]
+        return self.class_map(as_rgb(image)).cpu().numpy()
+
 
 
 def build_segmenter(
     *,
     model: Mapping[str, Any],
-    attention: Mapping[str, Any],
-    projection: Mapping[str, Any] | None,
+    heads: Sequence[HeadSpec] | None = None,
     preprocess: Mapping[str, Any] | Preprocess,
-    postprocess: Mapping[str, Any] | None,
-    classes: Sequence[str],
+    classes: Sequence[str] | None,
     logit_scale: float,
     prob_thd: float = 0.0,
     area_thd: float | None = None,
@@ -364,28 +302,78 @@ def build_segmenter(
     precision: str = "auto",
     batch_size: int = 16,
     cache_dir: str | None = None,
-    learned: tuple[Tensor, Tensor | None] | None = None,
+    learned: Sequence[tuple[Tensor, Tensor | None] | None] | None = None,
+    trunk_cache: str | None = None,
+    trunk_cache_dtype: str = "fp32",
+    keep_going: bool = False,
+    attention: Mapping[str, Any] | None = None,
+    projection: Mapping[str, Any] | None = None,
+    postprocess: Mapping[str, Any] | None = None,
     proxy: Mapping[str, Any] | None = None,
 ) -> tuple[Segmenter, dict]:
-    """Load the model and text queries, validate the variant -> (segmenter, model info)."""
+    """The one builder: model, text queries, every head, their proxy backbones and the
+    trunk cache -> ``(segmenter, model info)``; nothing is added to it afterwards.
+
+    Args:
+        model: the ``model`` section (arch, pretrained, quick_gelu, config_file).
+        heads: validated heads (``head_spec``), ``heads[0]`` the default one; or give one
+            head's sections as ``attention`` / ``projection`` / ``postprocess`` / ``proxy``.
+        classes: the vocabulary's class lines (synonyms as ``"person, man"``); None for a
+            segmenter without text (attention maps only: no logits).
+        learned: per head, the trained (W, b) of ``projection=learned`` (or None).
+        trunk_cache: a folder for blocks 1…D−1 (``trunk_cache=DIR``), or None.
+        keep_going: a head that cannot be built on this model (a borrowed block deeper
+            than it, a learned matrix of another width) is left out and its error kept in
+            ``segmenter.skipped``, instead of raising.
+
+    Example::
+
+        seg, info = build_segmenter(model={"arch": "ViT-B-16", "pretrained": "openai"},
+                                    heads=[head_spec({"name": "csa"})],
+                                    preprocess=Preprocess(336), classes=["cat", "dog"],
+                                    logit_scale=40.0)
+    """
     prep = Preprocess.from_section(preprocess)
     batch_size = integer(batch_size, "batch_size", 1)
-    if not classes:
+    if classes is not None and not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
-    check_head(attention, projection, postprocess, proxy)  # before the (slow) model load
+    if heads is None:  # before the (slow) model load: bad values fail in the first second
+        heads = [head_spec(attention or {"name": "csa"}, projection, postprocess, proxy)]
+    learned = list(learned or [None] * len(heads))
     clip, info = clip_from_section(model, precision, device)
     encoder = DenseEncoder(clip.visual)
     if prep.window is not None and prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "
                           f"{encoder.patch}-pixel patch of {info['arch']}")
-    head = build_head(attention, projection, postprocess, encoder, learned, proxy)
-    names, owner = split_queries(classes)
+    built, skipped = [], {}
+    for i, (spec, weights) in enumerate(zip(heads, learned)):
+        try:
+            built.append(head_of(spec, encoder, weights))
+        except UserError as e:
+            if not keep_going:
+                raise
+            log.error("variant [%s] skipped: %s", spec.label(), e)
+            skipped[i] = e
+    if not built:
+        raise next(iter(skipped.values()))
+    names, owner = split_queries(classes or [])
     dev = torch.device(info["device"])
-    queries = classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
-    post = segment.PostProcess(torch.tensor(owner), len(classes), float(logit_scale),
+    queries = (classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
+               if names else torch.empty(0, clip.visual.output_dim, device=dev))
+    post = segment.PostProcess(torch.tensor(owner, dtype=torch.long), len(names and classes),
+                               float(logit_scale),
                                float(prob_thd or 0.0),
                                None if area_thd is None else float(area_thd))
     info.update(num_queries=len(names), depth=encoder.depth)
-    segmenter = Segmenter(encoder, [head], queries, post, prep, batch_size)
-    segmenter.add_proxy(head)
+    proxies = {h.last.proxy: load_proxy(h.last.proxy, dev, encoder.dtype)  # once per backbone
+               for h in built if h.last.proxy is not None}
+    cache = None if not trunk_cache else open_cache(trunk_cache, trunk_cache_dtype, encoder,
+                                                    info, asdict(prep))
+    segmenter = Segmenter(encoder, built, queries, post, prep, batch_size, cache, proxies,
+                          skipped)
     return segmenter, info
+
+
+# The assembly's names in one place: heads (``sclip_lab.heads``) and preprocessing too.
+__all__ = ["ConfigError", "Head", "Preprocess", "Segmenter", "WindowGroup", "build_head",
+           "build_last_block", "build_segmenter"]

@@ -5,6 +5,9 @@ fp16 on a CPU without AMX or AVX-512 BF16/FP16 runs in software: PyTorch convert
 matmul, several times slower than fp32 (about 4× for ViT-B/16, benchmarks/bench_eval.py
 (e)). ``advise`` says so once per process; on a CPU that has the instructions it says
 instead that bf16 is available and faster.
+
+``PRECISIONS`` and ``resolve`` are the one table and resolver of precision names, for CLIP
+(``model.load_clip``) and the proxy backbones (``proxy.load_proxy``) alike.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ import logging
 
 import torch
 
+from sclip_lab.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # torch.cpu's private ISA probes that mean native matrix support, per precision.
 NATIVE_PROBES = {"bf16": ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
@@ -54,3 +61,34 @@ def advise(precision: str, device_type: str) -> None:
     else:
         log.info("precision=%s: this CPU computes it natively (AMX or AVX-512), faster than "
                  "fp32", precision)
+
+
+def resolve(precision: str | torch.dtype, device: torch.device,
+            error: type[Exception] = ConfigError) -> str:
+    """The precision name (a key of ``PRECISIONS``) that ``precision`` means on ``device``.
+
+    ``auto`` is fp16 on CUDA and fp32 elsewhere (reproducible numbers on CPU); a torch dtype
+    (e.g. the CLIP encoder's, for a proxy that follows it) is its name. Logs once what a
+    CPU precision costs (``advise``).
+
+    Args:
+        precision: ``auto`` | fp32 | fp16 | bf16, or one of their torch dtypes.
+        device: where the model runs.
+        error: the exception raised for any other value (the caller's room's user error).
+
+    Example:
+        >>> resolve("auto", torch.device("cpu")), resolve(torch.bfloat16, torch.device("cpu"))
+        ('fp32', 'bf16')
+    """
+    if isinstance(precision, torch.dtype):
+        names = {dtype: name for name, dtype in PRECISIONS.items()}
+        if precision not in names:
+            raise error(f"precision={precision} is not one of {'|'.join(PRECISIONS)} "
+                        f"({', '.join(map(str, names))})")
+        precision = names[precision]
+    if precision != "auto" and precision not in PRECISIONS:
+        raise error(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
+    advise(precision, device.type)
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision

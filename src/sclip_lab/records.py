@@ -22,10 +22,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sclip_lab.attention import ATTENTIONS, DEFAULT_COMBINE, DEFAULT_PROJECTION
+from sclip_lab.attention import ATTENTIONS
 from sclip_lab.errors import ConfigError, message_of
 from sclip_lab.files import atomic_target, write_json_atomic
-from sclip_lab.knobs import BLOCK_NAMES, record_value, summary_fields
+from sclip_lab.head_spec import HeadSpec, head_spec_of
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,20 @@ RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "pos
                "text", "precision", "limit")
 
 
-def result_key(config: Mapping[str, Any]) -> str:
-    """Hash of the result-relevant part of a resolved config (the sweep resume key)."""
+def result_key(config: Mapping[str, Any], spec: HeadSpec | None = None) -> str:
+    """Hash of the result-relevant part of a resolved config (the sweep resume key); its
+    head parts come from the head's validated ``spec`` (``HeadSpec.key_sections``: default
+    that of ``config``)."""
     relevant = {k: config.get(k) for k in RESULT_KEYS}
     if isinstance(relevant["dataset"], Mapping):  # where archives come from changes no number
         relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"
                                and not (k in VOCABULARY_DEFAULTS
                                         and v == VOCABULARY_DEFAULTS[k])}
     att = relevant["attention"]
-    if isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
-        relevant["attention"] = ATTENTIONS[att["name"]].key_section(att)
-        if reads_proxy(att["name"]):  # only then: other variants keep their keys
-            relevant["proxy"] = config.get("proxy")
+    if spec is None and isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
+        spec = head_spec_of(config, require_proxy=False)
+    if spec is not None:  # a proxy section only for proxy variants: the others keep keys
+        relevant.update(spec.key_sections())
     if lossy_trunk_cache(config):  # only then: the exact cache leaves old keys as they were
         relevant["trunk_cache_dtype"] = config["trunk_cache_dtype"]
     blob = json.dumps(relevant, sort_keys=True, default=str)
@@ -73,33 +75,9 @@ def reads_proxy(attention: str) -> bool:
     return attention in ATTENTIONS and ATTENTIONS[attention].proxy
 
 
-def knob_field_names() -> tuple[str, ...]:
-    """The summary fields of the attention knobs: every registered variant's declared knobs
-    (read at call time, so a variant registered later has its fields), then the block's."""
-    return summary_fields(list(ATTENTIONS.values()))
-
-
-def knob_fields(section: Mapping[str, Any]) -> dict[str, Any]:
-    """Every declared knob's field (``knob_field_names``): the variant's own as configured
-    (null = its default; lists as ``qq+kk``), others None, block knobs resolved."""
-    variant = ATTENTIONS.get(section["name"])
-    out = dict.fromkeys(knob_field_names())
-    if variant is None:
-        return out
-    for knob in variant.knobs:
-        keys = [k for k in (knob.name, *knob.aliases) if section.get(k) is not None]
-        value = section[keys[0]] if keys else knob.default
-        out[knob.field] = record_value(value)
-    defaults = variant.block_defaults()
-    for name in BLOCK_NAMES:
-        value = section.get(name)
-        out[name] = defaults[name] if value is None else value
-    return out
-
-
 def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
-               info: Mapping[str, Any] | None = None, num_images: int | None = None
-               ) -> dict[str, Any]:
+               info: Mapping[str, Any] | None = None, num_images: int | None = None,
+               spec: HeadSpec | None = None) -> dict[str, Any]:
     """The flat row that sweeps and tables read (one per record, also the W&B summary).
 
     Args:
@@ -107,27 +85,16 @@ def summary_of(config: Mapping[str, Any], metrics: Mapping[str, Any],
         metrics: ``mIoU``, ``aAcc``, ``mAcc``.
         info: what loading resolved (``arch``, ``precision``); default: the config's.
         num_images: images evaluated.
+        spec: the head's validated spec (``HeadSpec.summary``: the head's fields); default
+            that of ``config``.
     """
     info = info or {}
-    att, proj = config["attention"], config.get("projection")
-    name = att["name"]
-    # csa without a projection group runs its default projection set (qk).
-    projection = (proj or {"name": DEFAULT_PROJECTION}) if name == "csa" else None
-    random_proj = projection is not None and projection["name"] == "random"
-    knobs = knob_fields(att)
-    if projection is not None:  # csa's combine: its own, else the projection set's
-        knobs["combine"] = att.get("combine") or projection.get("combine") or DEFAULT_COMBINE
+    spec = spec or head_spec_of(config, require_proxy=False)
     return {
         "dataset": config["dataset"]["name"],
         "model": info.get("arch", config["model"]["arch"]),
         "pretrained": str(config["model"]["pretrained"]),
-        "attention": name,
-        "projection": None if projection is None else projection["name"],
-        "n": projection.get("n") if random_proj else None,
-        "trial": projection.get("trial") if random_proj else None,
-        **knobs,
-        "proxy": (config.get("proxy") or {}).get("name") if reads_proxy(name) else None,
-        "postprocess": (config.get("postprocess") or {}).get("name", "none"),
+        **spec.summary(),
         "protocol": (config.get("protocol") or {}).get("name", "sclip"),
         "short_side": config["preprocess"]["short_side"],
         "crop": config["preprocess"]["window"],
@@ -303,7 +270,7 @@ def summary_row(record: Mapping[str, Any]) -> dict[str, Any] | None:
             return None
         try:
             summary = summary_of(config, record.get("metrics") or summary or {})
-        except (KeyError, TypeError):  # not a run config
+        except (KeyError, TypeError, ConfigError):  # not a run config, or a removed variant
             return None
     if summary.get("mIoU") is None or summary.get("dataset") is None:
         return None

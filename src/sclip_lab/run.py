@@ -14,10 +14,8 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,41 +25,33 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from sclip_lab import data, viz
-from sclip_lab.build import (
-    head_from_config,
-    segmenter_from_config,
-    slug,
-    variant_configs,
-)
+from sclip_lab.build import learned_of, segmenter_from_config, slug, variant_configs
 from sclip_lab.cli import hydra_entry
 from sclip_lab.config import unused_knobs, variant_label
 from sclip_lab.console import banner, per_class_table, proxy_text, weights_text
 from sclip_lab.errors import (
     ConfigError,
-    Interrupted,
     PartialFailure,
     UserError,
     check_writable_dir,
     integer,
     message_of,
 )
+from sclip_lab.evaluation import evaluate_segmenter, scores
+from sclip_lab.head_spec import HeadSpec, head_spec_of
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
-from sclip_lab.pipeline import Preprocess, Segmenter, check_head
+from sclip_lab.pipeline import Preprocess, Segmenter
 from sclip_lab.proxy import proxy_identity
 from sclip_lab.records import (
-    METRICS,
     PER_CLASS_FILE,
     build_record,
     clear_failed,
     finished_records,
     mark_failed,
     result_key,
-    unique_names,
     write_per_class_csv,
     write_record,
 )
@@ -74,10 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _as_list(batch: list) -> list:
-    return batch
 
 
 # ----------------------------------------------------------------------------- variants
@@ -100,6 +86,8 @@ class Job:
     seconds: float = 0.0
     proxy: dict[str, Any] | None = None  # its proxy backbone's identity (attention=proxy)
     error: UserError | None = None  # why this variant cannot be evaluated (failed.json)
+    spec: HeadSpec | None = None  # its validated head
+    learned: Any = None  # its learned projection's (W, b) (projection=learned)
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -171,32 +159,26 @@ def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:
         ensure_ready(spec, root, auto_prepare=bool(base.auto_prepare))
     prep = Preprocess.from_section(base.preprocess)
     dataset = data.build_dataset(base.dataset, root, base.limit, prep)
+    jobs = with_learned(jobs)  # refused ones are out of this list: each is logged once
     segmenter, info = segmenter_from_config(base, spec.classes, spec.logit_scale,
-                                            spec.prob_thd, spec.area_thd, prep)
-    jobs = [jobs[0]] + add_heads(segmenter, jobs[1:])
+                                            spec.prob_thd, spec.area_thd, prep,
+                                            [(j.spec, j.learned) for j in jobs], keep_going=True)
+    for i, error in segmenter.skipped.items():  # a head this model cannot host
+        jobs[i].error = error
+        mark_failed(jobs[i].run_dir, error)
+    jobs = [job for job in jobs if job.error is None]
     for job, head in zip(jobs, segmenter.heads):
-        job.metric = SegmentationMetrics(spec.num_classes).to(segmenter.device)
         job.proxy = proxy_identity(head.last.proxy, segmenter.proxies.get(head.last.proxy))
     t_setup = time.perf_counter() - t0
     log.info("evaluating\n%s", start_banner(jobs, spec, info, len(dataset), segmenter))
 
     keep = max(int(base.save_overlays), int(base.logger.get("num_overlays", 0) or 0))
-    loader = DataLoader(dataset, batch_size=int(base.images_per_batch), collate_fn=_as_list,
-                        num_workers=int(base.num_workers), shuffle=False)
     t1 = time.perf_counter()
-    with tqdm(total=len(dataset), desc=spec.name, unit="img", dynamic_ncols=True) as bar, \
-            interrupts_counted(bar, len(dataset)):
-        for items in worker_errors_unwrapped(loader):
-            labels = [torch.from_numpy(it["label"]).to(segmenter.device) for it in items]
-            # class maps straight from the stitching: no logits kept (docs/protocol.md §5.12)
-            per_head = segmenter.iter_class_maps([it["input"] for it in items],
-                                                 [tuple(lb.shape) for lb in labels])
-            for job, preds in zip(jobs, per_head):
-                for it, label, pred in zip(items, labels, preds):
-                    job.metric.update(pred, label)
-                    if len(job.overlays) < keep:
-                        job.overlays.append((it["id"], it["image"], pred.cpu().numpy()))
-            bar.update(len(items))
+    results = evaluate_segmenter(segmenter, dataset, spec.num_classes,
+                                 int(base.images_per_batch), int(base.num_workers), keep,
+                                 spec.name)
+    for job, result in zip(jobs, results):
+        job.metric, job.overlays = result.metric, result.overlays
     t_eval = time.perf_counter() - t1
     timings = {"setup_s": t_setup, "eval_s": t_eval, "variants_in_pass": len(jobs),
                "per_image_s": t_eval / max(len(dataset), 1)}
@@ -228,56 +210,23 @@ def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[st
     return banner(rows)
 
 
-def worker_errors_unwrapped(loader: DataLoader):
-    """Iterate ``loader``; a DataLoader worker's user error (a corrupt image, a label of
-    the wrong size) comes back as its own one-line error, not torch's wrapper."""
-    it = iter(loader)
-    while True:
-        try:
-            items = next(it)
-        except StopIteration:
-            return
-        except UserError as e:
-            raise type(e)(message_of(e)) from None
-        yield items
-
-
-@contextmanager
-def interrupts_counted(bar: tqdm, total: int) -> Iterator[None]:
-    """SIGINT / SIGTERM inside the loop: ``Interrupted`` with how far it got."""
-    try:
-        yield
-    except (KeyboardInterrupt, Interrupted) as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, f"{bar.n} of {total} images") from None
-
-
-def add_heads(segmenter: Segmenter, jobs: Sequence[Job]) -> list[Job]:
-    """Give ``segmenter`` a head per job; a variant that cannot be built (e.g. a learned
-    projection without training data) is marked failed and the others go on."""
-    kept = []
+def with_learned(jobs: Sequence[Job]) -> list[Job]:
+    """Each job with its learned projection (``projection=learned``: the artefact looked up,
+    or trained with ``auto_train``); one that has none is refused, the others go on."""
     for job in jobs:
         try:
-            head = head_from_config(job.cfg, segmenter)
+            job.learned = learned_of(job.cfg)
         except UserError as e:
-            log.error("variant [%s] skipped: %s", job.label, e)
-            mark_failed(job.run_dir, e)
             job.error = e
-            continue
-        segmenter.heads.append(head)
-        kept.append(job)
-    return kept
+    return refuse_broken(jobs)
 
 
 def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_images: int,
                timings: Mapping[str, float]) -> dict[str, Any]:
     """Compute a job's metrics, log them, save overlays, write its record and W&B run."""
     config = OmegaConf.to_container(job.cfg, resolve=True)
-    scores = job.metric.compute()
     names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
-    per_class = {name: (None if torch.isnan(v) else round(float(v), 4))
-                 for name, v in zip(unique_names(names), scores["per_class_iou"])}
-    metrics = {k: float(scores[k]) for k in METRICS}
+    metrics, per_class = scores(job.metric, names)
     label = job.label
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
@@ -334,15 +283,15 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     done = finished_records(cfg.get("resume_root"))
     for label, vcfg in variant_configs(cfg, compose=compose, keep_broken=True):
         folder = run_dir / slug(label) if label else run_dir
-        error = vcfg if isinstance(vcfg, UserError) else head_error(vcfg)
-        if error is not None:
-            jobs.append(Job(vcfg if error is not vcfg else None, folder, label, label or "job",
-                            error=error))
+        spec = vcfg if isinstance(vcfg, UserError) else spec_or_error(vcfg)
+        if isinstance(spec, UserError):  # validated before anything loads
+            jobs.append(Job(vcfg if spec is not vcfg else None, folder, label, label or "job",
+                            error=spec))
             continue
-        job = Job(vcfg, folder, label, variant_label(OmegaConf.to_container(vcfg, resolve=True)))
+        config = OmegaConf.to_container(vcfg, resolve=True)
+        job = Job(vcfg, folder, label, variant_label(config, spec), spec=spec)
         precision = resolve_precision(vcfg.precision, resolve_device(vcfg.device))
-        job.key = result_key({**OmegaConf.to_container(vcfg, resolve=True),
-                              "precision": precision})
+        job.key = result_key({**config, "precision": precision}, spec)
         if job.key in done:
             log.info("skip [%s]: finished record %s", job.label, done[job.key])
             continue
@@ -350,15 +299,13 @@ def plan_jobs(cfg: DictConfig, run_dir: Path, compose=None) -> list[Job]:
     return jobs
 
 
-def head_error(cfg: DictConfig) -> UserError | None:
-    """What is wrong with a variant's head (knobs, projection, post-processing, proxy), or
-    None: checked before the model loads, so that a bad entry fails in the first second."""
+def spec_or_error(cfg: DictConfig) -> HeadSpec | UserError:
+    """A variant's validated head, or what is wrong with it (knobs, projection,
+    post-processing, proxy): checked before the model loads."""
     try:
-        check_head(cfg.attention, cfg.get("projection"), cfg.get("postprocess"),
-                   cfg.get("proxy"))
+        return head_spec_of(cfg)
     except UserError as e:
         return e
-    return None
 
 
 @hydra_entry("run")

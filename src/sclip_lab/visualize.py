@@ -26,7 +26,6 @@ from torch import Tensor
 
 from sclip_lab import data, segment, viz
 from sclip_lab.build import (
-    head_from_config,
     learned_of,
     segmenter_from_config,
     variant_configs,
@@ -34,9 +33,9 @@ from sclip_lab.build import (
 )
 from sclip_lab.cli import hydra_entry
 from sclip_lab.errors import ConfigError, check_writable_dir, integer
-from sclip_lab.model import DenseEncoder, LastBlock, clip_from_section
-from sclip_lab.pipeline import build_last_block
-from sclip_lab.proxy import load_proxy, window_features
+from sclip_lab.head_spec import head_spec_of
+from sclip_lab.model import DenseEncoder, LastBlock
+from sclip_lab.proxy import window_features
 
 log = logging.getLogger("sclip_lab")
 
@@ -127,13 +126,6 @@ def point_maps(attn: Tensor, tokens: Sequence[int], grid: tuple[int, int]) -> np
     """
     rows = attn[0].float().mean(0)[list(tokens)]  # (P, N)
     return rows[:, 1:].reshape(len(tokens), *grid).cpu().numpy()
-
-
-def load_encoder(model: Mapping[str, Any], device: str, precision: str
-                 ) -> tuple[DenseEncoder, dict]:
-    """``DenseEncoder`` of ``cfg.model``."""
-    clip, info = clip_from_section(model, precision, device)
-    return DenseEncoder(clip.visual), info
 
 
 @torch.no_grad()
@@ -241,11 +233,10 @@ def attention_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     size, resized = image.shape[:2], small.shape[:2]
     # Check the points before the (slow) model load.
     marks = [resized_point(p, size, resized) for p in points]
-    encoder, info = load_encoder(cfg.model, cfg.device, cfg.precision)
-    lasts = {label: build_last_block(v.attention, v.get("projection"), encoder, learned_of(v),
-                                     v.get("proxy")) for label, v in entries}
-    specs = {last.proxy for last in lasts.values() if last.proxy is not None}
-    proxies = {spec: load_proxy(spec, info["device"], encoder.dtype) for spec in specs}
+    segmenter, info = segmenter_from_config(entries[0][1], None, 1.0, 0.0, None, heads=[
+        (head_spec_of(v), learned_of(v)) for _, v in entries])  # no text: maps only
+    encoder, proxies = segmenter.encoder, segmenter.proxies
+    lasts = {label: head.last for (label, _), head in zip(entries, segmenter.heads)}
     grid = (resized[0] // encoder.patch, resized[1] // encoder.patch)
     if min(grid) < 1:
         raise ConfigError(f"size={cfg.size} gives no {encoder.patch}-pixel patch; raise size")
@@ -282,9 +273,9 @@ def segment_mode(cfg: DictConfig, output: Path, compose=None) -> list[Path]:
     entries = attention_entries(cfg, compose)
     image = data.read_image(Path(cfg.image))
     classes, scale, prob_thd, area_thd = vocabulary(cfg)
-    segmenter, info = segmenter_from_config(entries[0][1], classes, scale, prob_thd, area_thd)
-    for _, v in entries[1:]:
-        segmenter.heads.append(head_from_config(v, segmenter))
+    segmenter, info = segmenter_from_config(entries[0][1], classes, scale, prob_thd, area_thd,
+                                            heads=[(head_spec_of(v), learned_of(v))
+                                                   for _, v in entries])
     resized = segmenter.prep(image)
     per_head = segmenter.logits_many([resized], [image.shape[:2]])
     preds = {label: segmenter.classes(logits[0]).cpu().numpy()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def palette(num_colors: int = 256) -> np.ndarray:
@@ -70,31 +74,39 @@ def present_classes(preds: Iterable[np.ndarray]) -> list[int]:
     return sorted(found)
 
 
-def segmentation_figure(image: np.ndarray, preds: dict[str, np.ndarray], class_names: list[str],
-                        path_stem: Path, alpha: float = 0.6) -> list[Path]:
+def overlay_figure(image: np.ndarray, pred: np.ndarray | Mapping[str, np.ndarray],
+                   classes: Sequence[str], alpha: float = 0.6) -> Figure:
     """The image, then one class-coloured overlay per prediction, with a class legend.
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB.
-        preds: panel title -> ``(H, W)`` class map (same size as ``image``).
-        class_names: name of each class index (indices beyond it are shown as ``class k``).
-        path_stem: output path without suffix; ``<stem>.png`` and ``<stem>.pdf`` are written
-            (a stem may contain dots, e.g. an image id).
+        pred: an ``(H, W)`` class map, or panel title -> class map (several methods side
+            by side); each the size of ``image``.
+        classes: the display name of each class index, e.g. ``Segmenter.class_names``
+            (indices beyond it are shown as ``class k``).
         alpha: weight of the class colours over the photo.
 
     Returns:
-        The written paths (PNG, PDF). The legend lists only the classes present in
-        ``preds``, each with its palette colour.
+        A matplotlib ``Figure`` (off-screen: shown by Jupyter, written by ``savefig`` or
+        ``save_figure``). The legend lists only the classes present, each in its palette
+        colour.
+
+    Example:
+        >>> image = np.zeros((4, 6, 3), np.uint8)
+        >>> fig = overlay_figure(image, np.ones((4, 6), np.int64), ["sky", "cat"])
+        >>> [ax.get_title() for ax in fig.axes]
+        ['image', 'prediction']
     """
     # The object-oriented API draws off-screen without touching pyplot's global backend.
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    panels = [("image", image)] + [(title, overlay(image, pred, alpha))
-                                   for title, pred in preds.items()]
+    preds = dict(pred) if isinstance(pred, Mapping) else {"prediction": pred}
+    panels = [("image", image)] + [(title, overlay(image, np.asarray(p), alpha))
+                                   for title, p in preds.items()]
     H, W = image.shape[:2]
     width = 4.0  # inches per panel
-    present = present_classes(preds.values())
+    present = present_classes(np.asarray(p) for p in preds.values())
     ncol = max(1, min(len(present), int(width * len(panels) / 1.6)))
     legend_rows = -(-len(present) // ncol)
     fig = Figure(figsize=(width * len(panels), width * H / W + 0.5 + 0.3 * legend_rows),
@@ -105,14 +117,22 @@ def segmentation_figure(image: np.ndarray, preds: dict[str, np.ndarray], class_n
         ax.set_axis_off()
     colors = palette()
     handles = [Patch(facecolor=colors[c % 256] / 255, edgecolor="black",
-                     label=class_names[c] if 0 <= c < len(class_names) else f"class {c}")
+                     label=classes[c] if 0 <= c < len(classes) else f"class {c}")
                for c in present]
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False,
                fontsize=11, handlelength=1.4)
-    return save_figure(fig, path_stem)
+    return fig
 
 
-def save_figure(fig, path_stem: str | Path, dpi: int = 150) -> list[Path]:
+def segmentation_figure(image: np.ndarray, preds: dict[str, np.ndarray], class_names: list[str],
+                        path_stem: Path, alpha: float = 0.6) -> list[Path]:
+    """``overlay_figure`` of ``preds`` (panel title -> ``(H, W)`` class map) written as
+    ``<path_stem>.png`` and ``<path_stem>.pdf`` (a stem may contain dots, e.g. an image
+    id); returns the written paths (PNG, PDF)."""
+    return save_figure(overlay_figure(image, preds, class_names, alpha), path_stem)
+
+
+def save_figure(fig: Figure, path_stem: str | Path, dpi: int = 150) -> list[Path]:
     """Write a matplotlib figure as ``<stem>.png`` and ``<stem>.pdf``; return both paths.
 
     The suffixes are appended, not substituted, so a stem may contain dots (image ids).

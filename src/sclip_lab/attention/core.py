@@ -54,6 +54,8 @@ class AttentionInputs:
             variants registered with ``proxy=True`` (ProxyCLIP; the ``proxy`` group).
         logit_scale: the segmenter's logit scale (the dataset's or protocol's), when the
             caller classifies: two-pass methods that classify inside the block use it.
+        named: feature name -> ``(B, ...)`` the named trunk features the variant declared
+            (``features=``; each computed by its provider, ``sclip_lab.features``).
     """
 
     z: Tensor
@@ -71,6 +73,7 @@ class AttentionInputs:
     features: Callable[[Tensor], Tensor] | None = None
     proxy: Tensor | None = None
     logit_scale: float | None = None
+    named: Mapping[str, Tensor] = field(default_factory=dict)
 
     @property
     def heads(self) -> int:
@@ -82,8 +85,8 @@ ATTENTIONS: dict[str, Variant] = {}
 
 def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool = True,
                        ffn: bool = True, borrows=None, hidden=None, prepare=None,
-                       projection: bool = False, output: str = "attention", readout=None,
-                       maps=None, proxy: bool = False):
+                       projection=None, output: str = "attention", readout=None,
+                       maps=None, proxy: bool = False, features=None, pos_embed=None):
     """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs and
     hooks (``sclip_lab.knobs.Variant``); the first docstring line is its listing.
     Duplicates are an error."""
@@ -94,7 +97,9 @@ def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool 
         if output not in ("attention", "tokens"):
             raise ValueError(f"attention '{name}': output must be attention or tokens")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        extra = {k: v for k, v in (("borrows", borrows), ("hidden", hidden)) if v is not None}
+        extra = {k: v for k, v in (("borrows", borrows), ("hidden", hidden),
+                                   ("features", features), ("pos_embed", pos_embed))
+                 if v is not None}
         ATTENTIONS[name] = Variant(name, fn, tuple(knobs), residual, ffn, doc,
                                    prepare=prepare, projection=projection, output=output,
                                    readout=readout, maps=maps, proxy=proxy, **extra)

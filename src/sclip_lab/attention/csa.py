@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -95,10 +96,48 @@ def check_projection(projection: Mapping[str, Any] | None, combine: str | None =
     return mode, n, trial, combine
 
 
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """CSA's projection set, bound from the ``projection`` group (Table 2; §3).
+
+    Attributes:
+        mode: qk | q | k | identity | random | learned.
+        n, trial: the number and seed of random projections (1 and 0 otherwise).
+        combine: sum | mean: the attention's ``combine``, else the set's own.
+    """
+
+    mode: str = DEFAULT_PROJECTION
+    n: int = 1
+    trial: int = 0
+    combine: str = DEFAULT_COMBINE
+
+    def summary(self) -> dict[str, Any]:
+        """Its summary fields (``n``/``trial`` only for random sets)."""
+        random = self.mode == "random"
+        return {"projection": self.mode, "n": self.n if random else None,
+                "trial": self.trial if random else None, "combine": self.combine}
+
+    def label(self) -> list[str]:
+        """Its words in a variant label: nothing for the default set, ``random n=16``."""
+        if self.mode == DEFAULT_PROJECTION:
+            return []
+        if self.mode != "random":
+            return [self.mode]
+        return ["random", f"n={self.n}"] + ([f"trial={self.trial}"] if self.trial else [])
+
+
+def bind_projection(projection: Mapping[str, Any] | None, knobs: Mapping[str, Any]
+                    ) -> ProjectionSpec:
+    """The ``projection`` section (None: the default set) checked and bound, before any
+    model exists; the attention's own ``combine`` knob wins over the set's."""
+    return ProjectionSpec(*check_projection(projection, knobs.get("combine")))
+
+
 def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
-    """Bind the projection group (docs/protocol.md §3): mode, n, trial, combine (the
-    attention's, else the set's own), and the matrices themselves."""
-    mode, n, trial, combine = check_projection(ctx.projection, knobs["combine"])
+    """The projection matrices of the bound set (docs/protocol.md §3), with its combine."""
+    spec = ctx.projection if isinstance(ctx.projection, ProjectionSpec) else bind_projection(
+        ctx.projection, knobs)
+    mode, n, trial, combine = spec.mode, spec.n, spec.trial, spec.combine
     width = ctx.attn.embed_dim
     if mode == "learned" and ctx.learned is not None and tuple(ctx.learned[0].shape) != (
             width, width):
@@ -110,7 +149,7 @@ def prepare_csa(knobs: dict, ctx: BindContext) -> dict:
             "temperature": knobs["temperature"]}
 
 
-@register_attention("csa", projection=True, prepare=prepare_csa, knobs=[
+@register_attention("csa", projection=bind_projection, prepare=prepare_csa, knobs=[
     Knob("temperature", "float", HEAD_TEMPERATURE, "τ of every map (0 = hard max is "
          "attention=sharpen)", above=0),
     Knob("combine", "choice", None, "sum | mean; null = the projection set's own",

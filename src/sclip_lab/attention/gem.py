@@ -73,6 +73,7 @@ def gem_maps(x: AttentionInputs, depth: int = GEM_DEPTH, iterations: int = GEM_I
 
 @register_attention(
     "gem", output="tokens", residual=True, ffn=False, hidden=path_layers, maps=gem_maps,
+    pos_embed="bicubic_antialias",  # gem_utils.py L166-171 (docs/protocol.md §1)
     knobs=[Knob("depth", "int", GEM_DEPTH, "blocks on the GEM path (the last n; the "
                 "official gem_depth is n + 1)", low=1, high=TRUNK_DEPTH), *GEM_KNOBS])
 def gem(x: AttentionInputs, depth: int = GEM_DEPTH, iterations: int = GEM_ITERATIONS,
@@ -82,7 +83,8 @@ def gem(x: AttentionInputs, depth: int = GEM_DEPTH, iterations: int = GEM_ITERAT
                                        temperature=temperature))
 
 
-@register_attention("gem_last", residual=False, ffn=False, knobs=GEM_KNOBS)
+@register_attention("gem_last", residual=False, ffn=False, knobs=GEM_KNOBS,
+                    pos_embed="bicubic_antialias")
 def gem_last(x: AttentionInputs, iterations: int = GEM_ITERATIONS,
              temperature: float | None = None) -> Tensor:
     """GEM as ClearCLIP runs it: the last block's GEM attention, no residual, no MLP."""

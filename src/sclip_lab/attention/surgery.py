@@ -146,6 +146,7 @@ def surgery_maps(x: AttentionInputs, depth: int = SURGERY_DEPTH,
 
 @register_attention(
     "surgery", output="tokens", residual=True, ffn=False, hidden=path_layers,
+    pos_embed="bilinear",  # clip_surgery_model.py L339 (docs/protocol.md §1)
     readout=feature_surgery_logits, maps=surgery_maps,
     knobs=[Knob("depth", "int", SURGERY_DEPTH, "blocks on the v-v path (the last n)",
                 low=1, high=TRUNK_DEPTH),
@@ -158,7 +159,7 @@ def surgery(x: AttentionInputs, depth: int = SURGERY_DEPTH,
     return torch.cat([vanilla_cls(x).to(g.dtype), g[:, 1:]], dim=1)  # L349
 
 
-@register_attention("surgery_last", residual=True, ffn=False)
+@register_attention("surgery_last", residual=True, ffn=False, pos_embed="bilinear")
 def surgery_last(x: AttentionInputs) -> Tensor:
     """CLIP Surgery's last-block approximation: softmax(v vᵀ/8), residual on, no MLP."""
     return vv_attention(x.z, x.q, x.k, x.v)

@@ -39,18 +39,18 @@ torch 1.13, which has no fused kernel), never timm's ``F.scaled_dot_product_atte
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed_nhwc
 from torch import Tensor, nn
 
 from sclip_lab.errors import ConfigError
 from sclip_lab.files import file_digest
+from sclip_lab.pos_embed import interpolate_pos_embed
+from sclip_lab.precision import PRECISIONS, resolve
 from sclip_lab.proxy.spec import (
     CLIP_MEAN,
     CLIP_STD,
@@ -59,7 +59,6 @@ from sclip_lab.proxy.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     NAMES,
-    PRECISIONS,
     ProxyError,
     ProxySpec,
     proxy_spec,
@@ -75,6 +74,11 @@ __all__ = ["CLIP_MEAN", "CLIP_STD", "FAMILIES", "IMAGENET_MEAN", "IMAGENET_STD",
 # ------------------------------------------------------------------------ pos-embedding
 
 
+# Each family's official resize as a rule of ``sclip_lab.pos_embed``, the functions CLIP's
+# rules are: DINO's +0.1 scale factor is SCLIP's default, DINOv2's the antialiased GEM one.
+POS_EMBED_OF = {"dino": "bicubic_scale", "dinov2_reg": "bicubic_antialias", "mae": "bicubic"}
+
+
 def official_pos_embed(table: Tensor, grid: tuple[int, int], rule: str,
                        square_input: bool = True) -> Tensor:
     """A square ``(1, g·g, D)`` patch pos-embed table (prefix rows removed) -> ``(1, rows·
@@ -83,46 +87,31 @@ def official_pos_embed(table: Tensor, grid: tuple[int, int], rule: str,
     Args:
         table: the patch rows of the checkpoint's table, a g×g grid in row-major order.
         grid: (rows, cols) of the input's patches.
-        rule: ``dino`` (facebookresearch/dino ``vision_transformer.py``
-            ``interpolate_pos_encoding``: bicubic with ``scale_factor = (n + 0.1)/g`` per
-            side, no antialias; DINOv2's default), ``dinov2_reg`` (dinov2
-            ``hub/backbones.py`` ``dinov2_vitb14_reg``: ``interpolate_offset=0.0,
-            interpolate_antialias=True``, i.e. bicubic to the exact size with antialias),
-            ``mae`` (ProxyCLIP ``mae/pos_embed.py`` ``interpolate_pos_embed``: bicubic to
-            the exact size, ``align_corners=False``, no antialias).
+        rule: the family (``POS_EMBED_OF``): ``dino`` (facebookresearch/dino
+            ``vision_transformer.py`` ``interpolate_pos_encoding``: bicubic with
+            ``scale_factor = (n + 0.1)/g`` per side, no antialias; DINOv2's default),
+            ``dinov2_reg`` (dinov2 ``hub/backbones.py`` ``dinov2_vitb14_reg``:
+            ``interpolate_offset=0.0, interpolate_antialias=True``, i.e. bicubic to the
+            exact size with antialias), ``mae`` (ProxyCLIP ``mae/pos_embed.py``
+            ``interpolate_pos_embed``: bicubic to the exact size, ``align_corners=False``,
+            no antialias).
         square_input: the input image was square. DINO/DINOv2 skip the resize only when the
             patch count matches and the image is square; MAE when the grid matches.
 
     Returns:
         The table in ``table``'s dtype (computed in float32, as DINOv2 and timm do).
     """
-    n, dim = table.shape[1], table.shape[2]
-    g = math.isqrt(n)
-    if g * g != n:
-        raise ValueError(f"pos-embed table of {n} rows is not a square grid")
+    if rule not in POS_EMBED_OF:
+        raise ValueError(f"unknown pos-embed rule {rule!r}")
     rows, cols = grid
+    n = table.shape[1]
     if rule == "mae":
-        unchanged = (rows, cols) == (g, g)
+        unchanged = rows == cols and rows * cols == n
     else:
         unchanged = rows * cols == n and square_input
     if unchanged:
         return table
-    t = table.float().reshape(1, g, g, dim).permute(0, 3, 1, 2)
-    if rule == "dino":
-        # The +0.1 makes floor(g · s) land on (rows, cols); the scale factor itself (not
-        # the size) sets the sampling positions, so it is kept exactly as DINO computes it.
-        t = F.interpolate(t, scale_factor=((rows + 0.1) / math.sqrt(n),
-                                           (cols + 0.1) / math.sqrt(n)),
-                          mode="bicubic", align_corners=False)
-    elif rule == "dinov2_reg":
-        t = F.interpolate(t, size=(rows, cols), mode="bicubic", antialias=True)
-    elif rule == "mae":
-        t = F.interpolate(t, size=(rows, cols), mode="bicubic", align_corners=False)
-    else:
-        raise ValueError(f"unknown pos-embed rule {rule!r}")
-    if tuple(t.shape[-2:]) != (rows, cols):
-        raise AssertionError(f"pos-embed resized to {tuple(t.shape[-2:])}, not {grid}")
-    return t.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(table.dtype)
+    return interpolate_pos_embed(table[0], grid, POS_EMBED_OF[rule], prefix=0, force=True)[None]
 
 
 # ----------------------------------------------------------------------------- attention
@@ -240,12 +229,16 @@ class ProxyBackbone(nn.Module):
         """SAM's image encoder: patch conv (channels last), absolute pos-embed, blocks
         1…layer (windowed/global attention with relative positions), the conv neck. At
         the checkpoint's own input size (1024) the pos-embed is added as it is, as SAM
-        does; another ``input_size`` resizes it with timm's rule (bicubic, antialias), and
+        does; another ``input_size`` resizes it with timm's rule (``resample_abs_pos_embed_
+        nhwc``: bicubic to the size, antialiased, i.e. ``bicubic_antialias``), and
         the global blocks' relative positions linearly, as SAM's ``get_rel_pos`` would."""
         m = self.model
         t = m.patch_embed.proj(x).permute(0, 2, 3, 1)
-        if m.pos_embed is not None:
-            t = t + resample_abs_pos_embed_nhwc(m.pos_embed, list(t.shape[1:3]))
+        if m.pos_embed is not None:  # (1, g, g, D), channels last
+            rows, cols, dim = t.shape[1:]
+            pos = interpolate_pos_embed(m.pos_embed.reshape(-1, dim), (rows, cols),
+                                        "bicubic_antialias", prefix=0)
+            t = t + pos.reshape(1, rows, cols, dim)
         t = m.norm_pre(t)
         for blk in m.blocks[:self.layer]:
             t = blk(t)
@@ -265,8 +258,8 @@ def load_proxy(section: Mapping[str, Any] | ProxySpec | None,
         section: the ``proxy`` config section (or a ``ProxySpec``); ``none`` and
             ``clip_self`` give None (no backbone to load).
         device: where it runs.
-        precision: fp32 | fp16 | bf16 | auto (fp16 on CUDA, as the official code) or a
-            torch dtype (e.g. the CLIP encoder's).
+        precision: fp32 | fp16 | bf16 | auto (fp16 on CUDA, as the official code) or one
+            of their torch dtypes (e.g. the CLIP encoder's): ``precision.resolve``.
         arch_kwargs: extra ``timm.create_model`` arguments (reduced test models; a file
             must then fit that model).
 
@@ -281,7 +274,7 @@ def load_proxy(section: Mapping[str, Any] | ProxySpec | None,
     if spec.arch is None:
         return None
     dev = torch.device(device)
-    dtype = _dtype(precision, dev)
+    dtype = PRECISIONS[resolve(precision, dev)]
     kwargs = dict(arch_kwargs or {})
     if spec.pretrained.startswith(HUB_TAGS):
         model, weights = from_hub(spec, kwargs), hub_tag(spec)
@@ -292,18 +285,6 @@ def load_proxy(section: Mapping[str, Any] | ProxySpec | None,
     model.eval().requires_grad_(False).to(device=dev, dtype=dtype)
     identity = {"proxy": spec.name, "arch": spec.arch, "weights": weights}
     return ProxyBackbone(spec, model, identity).eval()
-
-
-def _dtype(precision: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(precision, torch.dtype):
-        if not precision.is_floating_point:
-            raise ConfigError(f"precision={precision} is not a floating-point dtype")
-        return precision
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
-    return PRECISIONS[precision]
 
 
 # ------------------------------------------------------------------------ in the pipeline

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 
 from sclip_lab.errors import ConfigError, UserError, integer, number
 
@@ -25,7 +24,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HUB_TAGS = ("timm", "hf-hub:")  # proxy.pretrained values that mean "through timm's hub"
 SECTION_KEYS = ("name", "arch", "pretrained", "layer", "patch", "mean", "std", "input_size")
 

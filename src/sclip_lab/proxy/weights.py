@@ -5,7 +5,6 @@ file of another architecture is named for what it seems to be."""
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,10 +16,9 @@ from timm.models import vision_transformer as timm_vit
 from timm.models import vision_transformer_sam as timm_sam
 from torch import Tensor, nn
 
+from sclip_lab.checkpoint import load_state
 from sclip_lab.errors import message_of
 from sclip_lab.proxy.spec import FAMILIES, ProxyError, ProxySpec
-
-log = logging.getLogger(__name__)
 
 
 def hub_tag(spec: ProxySpec) -> str:
@@ -174,27 +172,11 @@ def from_file(spec: ProxySpec, path: Path, kwargs: dict) -> nn.Module:
         raise ProxyError(f"{path} does not fit proxy={spec.name} ({spec.arch}): timm cannot "
                          f"convert it ({type(e).__name__}: {_short(e)}); pass the official "
                          f"{fam.file} or a timm {spec.arch} state dict") from None
-    _load_state(model, state, path, spec, words)
+    # assign: the meta-built model takes the file's tensors (load_proxy casts them).
+    load_state(model, state, path, f"proxy={spec.name} ({spec.arch})",
+               f"it looks like {words}; pass the official {fam.file} or a timm {spec.arch} "
+               "state dict", error=ProxyError, assign=True)
     return model
-
-
-def _load_state(model: nn.Module, state: Mapping[str, Tensor], path: Path, spec: ProxySpec,
-                words: str) -> None:
-    """Load with ``assign`` into the meta-built model; any missing or mis-shaped tensor is
-    a wrong file (one line), unexpected ones are logged (SAM's decoders are filtered)."""
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state]
-    if mismatched or missing:
-        raise ProxyError(f"{path} does not fit proxy={spec.name} ({spec.arch}): "
-                         f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]}), "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}); it looks like "
-                         f"{words}; pass the official {FAMILIES[spec.name].file} or a timm "
-                         f"{spec.arch} state dict")
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        log.warning("%s: ignored %d unexpected keys (e.g. %s)", path,
-                    len(result.unexpected_keys), result.unexpected_keys[:3])
 
 
 def _short(error: BaseException, limit: int = 160) -> str:

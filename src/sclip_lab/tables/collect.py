@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sclip_lab.attention import ATTENTIONS, DEFAULT_PROJECTION, HEAD_TEMPERATURE
+from sclip_lab.attention import ATTENTIONS
 from sclip_lab.flops import VIT_B16, open_clip_vit, protocol_flops
-from sclip_lab.knobs import BLOCK_NAMES, record_value
+from sclip_lab.head_spec import default_fields
 from sclip_lab.records import iter_records, summary_row
 from sclip_lab.tables.layout import (
     AVG,
@@ -37,7 +37,6 @@ from sclip_lab.tables.layout import (
     Row,
     TableSpec,
     preprocess_modes,
-    projection_combine,
     table_spec,
 )
 from sclip_lab.tables.paper import TABLE4_FLOPS
@@ -131,9 +130,9 @@ def select_model(records: Sequence[Mapping[str, Any]], model: str | None = None,
 
 
 def field_value(summary: Mapping[str, Any], name: str) -> Any:
-    """A summary field, with the defaults for fields a record may omit: csa's
-    (``attention.DEFAULT_PROJECTION``, τ = ``HEAD_TEMPERATURE``, the set's combine), then
-    the variant's declared knob defaults and block (older records have no block fields)."""
+    """A summary field, with the defaults for fields a record may omit (older records):
+    those of its head with nothing configured (``head_spec.default_fields``: the variant's
+    declared knobs and block, a projection set's own combine)."""
     value = summary.get(name)
     if value is not None:
         return value
@@ -141,19 +140,9 @@ def field_value(summary: Mapping[str, Any], name: str) -> Any:
         return "none"
     if name == "protocol":  # records from before protocols ran SCLIP's
         return "sclip"
-    if summary.get("attention") == "csa":
-        projection = summary.get("projection") or DEFAULT_PROJECTION
-        defaults = {"projection": projection, "temperature": HEAD_TEMPERATURE,
-                    "combine": projection_combine(projection)}
-        if name in defaults:
-            return defaults[name]
-    variant = ATTENTIONS.get(summary.get("attention"))
-    if variant is None:
+    if summary.get("attention") not in ATTENTIONS:
         return None
-    if name in BLOCK_NAMES:  # records from before the block knobs: the variant's own block
-        return variant.block_defaults()[name]
-    knob = next((k for k in variant.knobs if k.field == name), None)
-    return None if knob is None else record_value(knob.default)
+    return default_fields(summary["attention"], summary.get("projection")).get(name)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -30,7 +30,8 @@ from omegaconf import OmegaConf, open_dict
 
 from sclip_lab.config import CONF_DIR, paper_short_side, variant_overrides
 from sclip_lab.errors import ConfigError, message_of
-from sclip_lab.records import knob_field_names, summary_of
+from sclip_lab.head_spec import knob_field_names
+from sclip_lab.records import summary_of
 from sclip_lab.tables.paper import (
     ABLATION_DATASETS,
     TABLE1,

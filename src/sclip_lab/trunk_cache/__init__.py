@@ -2,9 +2,9 @@
 
 A researcher's loop changes the last block and evaluates again; blocks 1…depth−1 see
 the same windows every time. With ``trunk_cache=DIR`` each preprocessed image's trunk
-outputs (the last block's input ``x``, plus the attention maps and hidden states that the
-chosen variants declare: ``borrows=``, ``hidden=``) are stored once and read back on later
-runs. Layout::
+outputs (the last block's input ``x``, plus the attention maps, hidden states and named
+features that the chosen variants declare: ``borrows=``, ``hidden=``, ``features=``) are
+stored once and read back on later runs. Layout::
 
     DIR/README.txt                               what this folder is, how to drop it
     DIR/<arch>-<model key>/manifest.json         what the key stands for
@@ -15,14 +15,16 @@ kind, preprocessing (short side, window, stride) and storage dtype; the image ha
 content of the preprocessed ``(3, Hr, Wr)`` tensor (mixed with the position-embedding rule
 where it is not the default: ``entry_name``). An entry holds, per window-size group
 ``g``: ``g.x`` ``(n, N, D)``, ``g.early.<l>`` ``(n, heads, N, N)``, ``g.hidden.<l>``
-``(n, N, D)``, with the windows' boxes and a checksum per tensor in its metadata. Entries
-are written to a temporary file and renamed (parallel sweep jobs may write the same one);
-one that is unreadable, of another layout, shape or checksum is recomputed with a warning,
-and so is a damaged manifest rewritten. A write that fails (a full disk) is one warning per
+``(n, N, D)``, ``g.<name>`` ``(n, ...)`` (a provider's feature; one with ``cache=False``
+is computed on every run), with the windows' boxes and a checksum per tensor in its
+metadata (``entry``: the file format). Entries are written to a temporary file and
+renamed (parallel sweep jobs may write the same one); one that is unreadable, of
+another layout, shape or checksum is recomputed with a warning, and so is a damaged
+manifest rewritten. A write that fails (a full disk) is one warning per
 run and cache: the run goes on with the entries there are and stores nothing more. The
 cache adopts only a missing or empty folder or its own, and ``clear`` deletes only its
 own files (``owned``).
-An entry without a layer a new variant needs is recomputed with the union of both.
+An entry without a layer or feature a new variant needs is recomputed with the union.
 ``fp32`` keeps the trunk's own values (predictions identical to a run without the cache);
 ``fp16`` halves the size of an fp32 trunk, and the numbers may drift.
 """
@@ -42,8 +44,10 @@ from torch import Tensor, nn
 
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError
+from sclip_lab.features import cached_names
 from sclip_lab.files import atomic_target, state_digest, write_json_atomic
 from sclip_lab.model import TrunkOutput
+from sclip_lab.trunk_cache.entry import FORMAT, Box, Layout, digest, read_entry, write_entry
 from sclip_lab.trunk_cache.owned import (
     MANIFEST,
     MARKER,
@@ -59,7 +63,6 @@ from sclip_lab.trunk_cache.owned import check_cache_dir as check_cache_dir  # fo
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sclip-trunk-cache/1"
 DTYPES = ("fp32", "fp16")
 README = f"""\
 {MARKER_HEAD}{FORMAT}): blocks 1…depth−1 of every evaluated window, one
@@ -67,10 +70,6 @@ folder per model/preprocessing (manifest.json says which), one .safetensors file
 image. Only speed depends on it. Show it:  python -m sclip_lab.trunk_cache info DIR
 Drop it:  python -m sclip_lab.trunk_cache clear DIR   (or delete this folder)
 """
-
-Box = tuple[int, int, int, int]
-Layout = list[tuple[tuple[int, int], list[Box]]]  # window size -> its boxes, in group order
-
 
 def check_dtype(name: Any) -> str:
     """``trunk_cache_dtype`` as one of ``DTYPES``, or ConfigError."""
@@ -84,15 +83,6 @@ def storage_dtype(name: str, trunk: torch.dtype) -> torch.dtype:
     an fp32 trunk (``fp16``; an fp16/bf16 trunk is stored as it is, already 16-bit)."""
     lossy = check_dtype(name) == "fp16" and trunk == torch.float32
     return torch.float16 if lossy else trunk
-
-
-def digest(tensor: Tensor, size: int = 16) -> str:
-    """blake2b of a tensor's dtype, shape and bytes."""
-    t = tensor.detach().cpu().contiguous()
-    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=size)
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-    return h.hexdigest()
 
 
 def model_parts(info: Mapping[str, Any], visual: nn.Module, prep: Mapping[str, Any],
@@ -134,95 +124,12 @@ def layout_of(boxes: Sequence[Box]) -> Layout:
     return list(segment.group_by_size(boxes).items())
 
 
-def entry_tensors(parts: Sequence[TrunkOutput], dtype: torch.dtype) -> dict[str, Tensor]:
-    """Per group ``g`` (one TrunkOutput per window size): ``g.x``, ``g.early.<l>``,
-    ``g.hidden.<l>``, as fresh CPU tensors of ``dtype`` (safetensors refuses views)."""
-    out = {}
-    for g, t in enumerate(parts):
-        named = {"x": t.x, **{f"early.{k}": v for k, v in t.early.items()},
-                 **{f"hidden.{k}": v for k, v in t.hidden.items()}}
-        for name, v in named.items():
-            out[f"{g}.{name}"] = v.detach().to("cpu", dtype, copy=True).contiguous()
-    return out
-
-
-def layers_of(keys: Iterable[str], kind: str) -> set[int]:
-    """The layers of ``kind`` (early|hidden) among an entry's tensor names ``g.kind.l``."""
-    return {int(k.split(".")[2]) for k in keys if k.split(".")[1] == kind}
-
-
-def read_entry(path: Path, layout: Layout, grids: Sequence[tuple[int, int]],
-               early: Sequence[int], hidden: Sequence[int], dtype: torch.dtype,
-               width: int) -> tuple[list[TrunkOutput] | None, set[int], set[int]]:
-    """One entry -> (per window-size group a TrunkOutput without ``images``, or None when
-    a requested layer is missing; the early and hidden layers the entry holds).
-
-    Raises:
-        ValueError: unreadable, another layout, a wrong shape, dtype or checksum.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta, keys = f.metadata() or {}, list(f.keys())
-            has_early, has_hidden = layers_of(keys, "early"), layers_of(keys, "hidden")
-            if meta.get("format") != FORMAT or json.loads(meta["boxes"]) != [
-                    [list(b) for b in boxes] for _, boxes in layout]:
-                raise ValueError("another format or window layout")
-            if not (set(early) <= has_early and set(hidden) <= has_hidden):
-                return None, has_early, has_hidden
-            sums = json.loads(meta["sums"])
-
-            def get(name: str, shape: tuple) -> Tensor:
-                t = f.get_tensor(name)
-                if t.dtype != dtype or len(t.shape) != len(shape) or any(
-                        want not in (None, got) for want, got in zip(shape, t.shape)):
-                    raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, not {shape}")
-                if digest(t) != sums[name]:
-                    raise ValueError(f"{name}: checksum mismatch")
-                return t
-
-            out = []
-            for g, ((_, boxes), grid) in enumerate(zip(layout, grids)):
-                n, tokens = len(boxes), 1 + grid[0] * grid[1]
-                out.append(TrunkOutput(
-                    get(f"{g}.x", (n, tokens, width)), grid,
-                    {k: get(f"{g}.early.{k}", (n, None, tokens, tokens)) for k in early},
-                    {k: get(f"{g}.hidden.{k}", (n, tokens, width)) for k in hidden}))
-    except ValueError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoding failure means a broken entry
-        raise ValueError(f"unreadable: {type(e).__name__}: {e}") from None
-    return out, has_early, has_hidden
-
-
-def write_entry(path: Path, layout: Layout, parts: Sequence[TrunkOutput],
-                dtype: torch.dtype) -> int:
-    """Write one entry atomically (readers see the old file or the new one) -> bytes.
-
-    Raises:
-        OSError: it could not be written (safetensors' own I/O errors included).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    tensors = entry_tensors(parts, dtype)
-    meta = {"format": FORMAT, "boxes": json.dumps([[list(b) for b in boxes]
-                                                   for _, boxes in layout]),
-            "sums": json.dumps({k: digest(v) for k, v in tensors.items()})}
-    with atomic_target(path) as tmp:
-        try:
-            save_file(tensors, tmp, metadata=meta)
-        except SafetensorError as e:  # a full disk, reported by its Rust writer: its cause
-            raise OSError(str(e).rsplit("I/O error: ", 1)[-1]) from None
-        size = tmp.stat().st_size
-    return size
-
-
-def take(trunk: TrunkOutput, early: Iterable[int], hidden: Iterable[int]) -> TrunkOutput:
-    """``trunk`` with only the given layers' maps and states."""
+def take(trunk: TrunkOutput, early: Iterable[int], hidden: Iterable[int],
+         named: Iterable[str] = ()) -> TrunkOutput:
+    """``trunk`` with only the given layers' maps and states and the given features."""
     return TrunkOutput(trunk.x, trunk.grid, {k: trunk.early[k] for k in early},
-                       {k: trunk.hidden[k] for k in hidden}, trunk.images)
+                       {k: trunk.hidden[k] for k in hidden}, trunk.images,
+                       named={k: trunk.named[k] for k in named})
 
 
 def split_by_image(groups: Sequence[Any], count: int) -> list[dict[tuple[int, int], TrunkOutput]]:
@@ -252,18 +159,20 @@ class TrunkCache:
     misses: int = 0
     stopped: str = ""  # why this run stores no more entries (a full disk); "" while it does
 
-    def lookup(self, path: Path, layout: Layout, early: Sequence[int], hidden: Sequence[int]
-               ) -> tuple[list[TrunkOutput] | None, set[int], set[int]]:
-        """An entry's groups, or None with the layers it already holds (a broken entry:
-        one warning, then it is recomputed like a missing one)."""
+    def lookup(self, path: Path, layout: Layout, early: Sequence[int], hidden: Sequence[int],
+               named: Sequence[str] = ()
+               ) -> tuple[list[TrunkOutput] | None, set[int], set[int], set[str]]:
+        """An entry's groups, or None with the layers and features it already holds (a
+        broken entry: one warning, then it is recomputed like a missing one)."""
         if not path.is_file():
-            return None, set(), set()
+            return None, set(), set(), set()
         grids = [(h // self.patch, w // self.patch) for (h, w), _ in layout]
         try:
-            return read_entry(path, layout, grids, early, hidden, self.dtype, self.width)
+            return read_entry(path, layout, grids, early, hidden, self.dtype, self.width,
+                              named)
         except ValueError as e:
             log.warning("trunk cache: recomputing the broken entry %s (%s)", path, e)
-            return None, set(), set()
+            return None, set(), set(), set()
 
     def store(self, path: Path, layout: Layout, parts: Sequence[TrunkOutput]) -> None:
         if self.stopped:
@@ -283,30 +192,36 @@ class TrunkCache:
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], boxes: Callable[[int, int], list[Box]],
                early: Sequence[int], hidden: Sequence[int],
-               compute: Callable[..., list[Any]], device: torch.device, tag: str = ""
+               compute: Callable[..., list[Any]], device: torch.device, tag: str = "",
+               features: Sequence[str] = ()
                ) -> list[tuple[list[tuple[int, Box]], TrunkOutput]]:
         """``Segmenter.encode`` through the cache -> ``[(owners, trunk)]`` per window size,
-        in the order and batches of an uncached pass. ``compute(images, early, hidden)`` is
-        that pass; it runs on the images that miss, with every layer their old entries
-        held too, so that an entry is rewritten with the union. ``tag``: a trunk setting
-        beyond the model key (``entry_name``)."""
+        in the order and batches of an uncached pass. ``compute(images, early, hidden,
+        features=...)`` is that pass; it runs on the images that miss, with every layer and
+        feature their old entries held too, so that an entry is rewritten with the union.
+        ``tag``: a trunk setting beyond the model key (``entry_name``). Of ``features``
+        only the stored ones are returned (``features.cached_names``)."""
+        named = cached_names(features)
         layouts = [layout_of(boxes(img.shape[1], img.shape[2])) for img in images]
         paths = [self.folder / f"{entry_name(img, tag)}{SUFFIX}" for img in images]
-        found, missing, all_early, all_hidden = {}, [], set(early), set(hidden)
+        found, missing, all_early, all_hidden, all_named = ({}, [], set(early), set(hidden),
+                                                            set(named))
         for i, (path, layout) in enumerate(zip(paths, layouts)):
-            parts, has_early, has_hidden = self.lookup(path, layout, early, hidden)
+            parts, has_early, has_hidden, has_named = self.lookup(path, layout, early, hidden,
+                                                                  named)
             if parts is None:
                 missing.append(i)
                 all_early, all_hidden = all_early | has_early, all_hidden | has_hidden
+                all_named |= set(cached_names(has_named))  # of providers registered here
             else:
                 found[i] = dict(zip((size for size, _ in layout), parts))
         self.hits, self.misses = self.hits + len(found), self.misses + len(missing)
         if missing:
             groups = compute([images[i] for i in missing], tuple(sorted(all_early)),
-                             tuple(sorted(all_hidden)))
+                             tuple(sorted(all_hidden)), features=tuple(sorted(all_named)))
             for i, parts in zip(missing, split_by_image(groups, len(missing))):
                 self.store(paths[i], layouts[i], [parts[size] for size, _ in layouts[i]])
-                found[i] = {size: take(t, early, hidden) for size, t in parts.items()}
+                found[i] = {size: take(t, early, hidden, named) for size, t in parts.items()}
         return assemble(images, layouts, found, device, self.trunk_dtype)
 
     def summary(self) -> str:
@@ -333,7 +248,9 @@ def assemble(images: Sequence[Tensor], layouts: Sequence[Layout],
             parts.setdefault(size, []).append(TrunkOutput(
                 t.x.to(device, dtype), t.grid,
                 {k: v.to(device, dtype) for k, v in t.early.items()},
-                {k: v.to(device, dtype) for k, v in t.hidden.items()}, crops.to(device)))
+                {k: v.to(device, dtype) for k, v in t.hidden.items()}, crops.to(device),
+                named={k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                       for k, v in t.named.items()}))
     return [(owners[s], TrunkOutput.cat(parts[s])) for s in owners]
 
 

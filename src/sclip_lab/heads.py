@@ -1,0 +1,69 @@
+"""A validated head on a model: ``HeadSpec`` + ``DenseEncoder`` -> ``Head`` (the last block
+with its knobs bound and prepared, and the refinement). ``build_last_block`` / ``build_head``
+go straight from config sections, through ``head_spec``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from sclip_lab import segment
+from sclip_lab.head_spec import HeadSpec, head_spec
+from sclip_lab.knobs import BindContext
+from sclip_lab.model import DenseEncoder, LastBlock
+
+
+def last_block_of(spec: HeadSpec, encoder: DenseEncoder,
+                  learned: tuple[Tensor, Tensor | None] | None = None) -> LastBlock:
+    """A validated head's last block on ``encoder``: its depth-bounded knobs checked
+    against the model, its ``needs`` of the trunk, the variant's ``prepare`` hook run
+    (CSA's projection matrices; ``learned``: the trained (W, b) of ``projection=learned``)."""
+    spec.check_depth(encoder.depth)
+    needs = spec.needs(encoder.depth)
+    knobs = spec.params
+    if spec.variant.prepare is not None:
+        block_attn = encoder.visual.transformer.resblocks[-1].attn
+        knobs = spec.variant.prepare(knobs, BindContext(block_attn, spec.projection, learned))
+    return LastBlock(spec.variant, knobs, needs.early, needs.hidden, **spec.blocks,
+                     proxy=needs.proxy, pos_embed=needs.pos_embed, features=needs.features)
+
+
+@dataclass(frozen=True)
+class Head:
+    """What differs between variants that share a trunk: the last block and refinement,
+    and the validated spec they were built from."""
+
+    last: LastBlock
+    refine: segment.Refine | None = None
+    spec: HeadSpec | None = None
+
+
+def head_of(spec: HeadSpec, encoder: DenseEncoder,
+            learned: tuple[Tensor, Tensor | None] | None = None) -> Head:
+    """``spec``'s head on ``encoder``."""
+    return Head(last_block_of(spec, encoder, learned), spec.refine, spec)
+
+
+def build_last_block(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
+                     encoder: DenseEncoder,
+                     learned: tuple[Tensor, Tensor | None] | None = None,
+                     proxy: Mapping[str, Any] | None = None) -> LastBlock:
+    """``last_block_of(head_spec(attention, projection, proxy=proxy))``: a last block
+    straight from config sections (tests, figures)."""
+    return last_block_of(head_spec(attention, projection, proxy=proxy, depth=encoder.depth),
+                         encoder, learned)
+
+
+def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | None,
+               postprocess: Mapping[str, Any] | None, encoder: DenseEncoder,
+               learned: tuple[Tensor, Tensor | None] | None = None,
+               proxy: Mapping[str, Any] | None = None) -> Head:
+    """``head_of(head_spec(...))``: a head straight from config sections."""
+    return head_of(head_spec(attention, projection, postprocess, proxy, depth=encoder.depth),
+                   encoder, learned)
+
+
+__all__ = ["Head", "build_head", "build_last_block", "head_of", "last_block_of"]
