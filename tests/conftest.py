@@ -159,3 +159,29 @@ def small_fs(tmp_path):
     yield make
     for path in reversed(mounts):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> None:
+    """Write zeros into ``folder`` until its filesystem is full (unbuffered, so the last
+    write fails here and not at close)."""
+    with open(folder / f".filler-{len(list(folder.iterdir()))}", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def with_random_layernorms(enc, seed: int = 5):
+    """A copy of an encoder with random LayerNorm gains and biases: with open_clip's init
+    (1, 0) every LN1 row has norm √D, so GEM's adaptive τ would be one constant."""
+    import copy
+
+    model = copy.deepcopy(enc)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=gen))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
+    return model

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, fill_disk
 from synthetic import write_benchmark
 
 from sclip_lab.errors import MAX_LINE
@@ -499,16 +499,6 @@ def test_sync_lists_only_offline_runs_not_yet_uploaded(tmp_path, capsys, monkeyp
 # ------------------------------------------------ the trunk cache never costs a result
 
 
-def _fill_up(folder: Path) -> None:
-    """Write into ``folder`` until its filesystem is full (unbuffered: the last write fails)."""
-    with open(folder / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-        except OSError:
-            pass
-
-
 def _trunk_cache_warnings(text: str) -> list[str]:
     return [line for line in text.splitlines() if "trunk cache: cannot write" in line]
 
@@ -528,7 +518,7 @@ def test_a_full_disk_under_the_trunk_cache_costs_no_result(tiny_inproc, tmp_path
     (plain,) = evaluate_in_process(base, tmp_path / "plain")
     fs = small_fs(1200)
     if space == "none":
-        _fill_up(fs)
+        fill_disk(fs)
     cache = fs / "trunks"
     for i, hits in enumerate((0, 1) if space == "some" else (0, 0)):
         caplog.clear()
@@ -560,20 +550,6 @@ def test_a_full_disk_under_the_trunk_cache_from_the_command_line(tiny, tmp_path,
 
 
 # ------------------------------------------- a broken variant never costs the good ones
-
-
-def _fill_disk(path: Path) -> None:
-    """Write zeros under ``path`` until its filesystem is full."""
-    import os
-
-    fd = os.open(path / f".filler-{len(list(path.iterdir()))}", os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 512)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _no_temp_files(root: Path) -> list[Path]:
@@ -652,7 +628,7 @@ def test_a_record_that_cannot_be_written_is_one_error(world, tmp_path, capsys, m
     real = run.build_record
 
     def build_then_fill(*args, **kwargs):
-        _fill_disk(disk)
+        fill_disk(disk)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run, "build_record", build_then_fill)
@@ -679,7 +655,7 @@ def test_figures_that_cannot_be_written_keep_the_record(world, tmp_path, capsys,
 
     def save_then_fill(*args, **kwargs):
         path = real(*args, **kwargs)
-        _fill_disk(disk)
+        fill_disk(disk)
         return path
 
     monkeypatch.setattr(run, "save_record", save_then_fill)
@@ -704,7 +680,7 @@ def test_a_record_on_a_full_disk_in_process(tiny_inproc, tmp_path, small_fs):
     write_benchmark(data, "voc21", num_images=1, size=(64, 64))
     disk = small_fs(128)
     (disk / "run").mkdir()
-    _fill_disk(disk)
+    fill_disk(disk)
     with pytest.raises(UserError, match="cannot write the record in .*free space"):
         evaluate_in_process([*tiny_inproc, f"data_root={data}"], disk / "run")
     assert not list(disk.rglob("result.json")) and not _no_temp_files(disk)
@@ -827,16 +803,10 @@ def test_predict_never_builds_full_size_logits_unless_asked(world, tmp_path, mon
 
 
 def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_archive(small_fs, tmp_path, capsys):
-    import zipfile
-
-    from test_prepare import cityscapes_zips, incompressible, make_zip
+    from test_prepare import large_cityscapes_zips
 
     zips = tmp_path / "zips"
-    cityscapes_zips(zips)
-    images = zips / "leftImg8bit_trainvaltest.zip"
-    with zipfile.ZipFile(images) as zf:
-        files = {i.filename: zf.read(i) for i in zf.infolist()}
-    images.write_bytes(make_zip({**files, **incompressible()}))
+    images = large_cityscapes_zips(zips)
     root = small_fs(256) / "data"
     assert invoke("prepare", ["cityscapes", f"data_root={root}", f"from={zips}"]) == 2
     captured = capsys.readouterr()

@@ -24,11 +24,10 @@ trunk, and the feature surgery with ``enc.logits``.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import with_random_layernorms
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -55,13 +54,7 @@ def images():
 def enc(enc):
     """The tiny encoder with random LayerNorm gains and biases: with open_clip's init (1, 0)
     every LN1 row has norm √D and GEM's adaptive τ would be one constant."""
-    model = copy.deepcopy(enc)
-    gen = torch.Generator().manual_seed(5)
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=gen))
-            module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
-    return model
+    return with_random_layernorms(enc)
 
 
 @pytest.fixture(scope="module")

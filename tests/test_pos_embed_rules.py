@@ -20,7 +20,6 @@ The blocks after the embedding are the transcriptions of ``test_methods_surgery_
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict
 
@@ -28,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import evaluate_in_process
+from conftest import evaluate_in_process, with_random_layernorms
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from synthetic import write_benchmark
@@ -51,13 +50,7 @@ INFO = {"arch": "sclip-tiny-vit", "pretrained": "tiny.pt", "weights_sha256": "cd
 def enc(enc):
     """The tiny encoder (native grid 14×14) with random LayerNorm gains and biases, so that
     GEM's adaptive τ differs per window."""
-    model = copy.deepcopy(enc)
-    gen = torch.Generator().manual_seed(5)
-    for module in model.modules():
-        if isinstance(module, torch.nn.LayerNorm):
-            module.weight.copy_(1 + 0.5 * torch.randn(module.weight.shape, generator=gen))
-            module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=gen))
-    return model
+    return with_random_layernorms(enc)
 
 
 def window(h: int, w: int, seed: int = 3) -> torch.Tensor:

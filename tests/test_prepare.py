@@ -633,15 +633,22 @@ def test_a_disk_filled_during_extraction_keeps_the_archive(small_fs, tmp_path, k
     assert "delete" not in message and archive.is_file() and not files_under(fs)
 
 
-def test_prepare_on_a_full_disk_marks_nothing(small_fs, tmp_path, monkeypatch):
-    """Through ``prepare``: the user's login-gated zip is kept, and neither the extraction
-    record nor the ready marker is written."""
-    zips = tmp_path / "zips"
+def large_cityscapes_zips(zips: Path) -> Path:
+    """Cityscapes' two zips in ``zips``, the images one grown by incompressible members past
+    what a 256 KiB disk holds -> its path."""
     cityscapes_zips(zips)
     images = zips / "leftImg8bit_trainvaltest.zip"
     with zipfile.ZipFile(images) as zf:
         files = {i.filename: zf.read(i) for i in zf.infolist()}
     images.write_bytes(make_zip({**files, **incompressible()}))
+    return images
+
+
+def test_prepare_on_a_full_disk_marks_nothing(small_fs, tmp_path, monkeypatch):
+    """Through ``prepare``: the user's login-gated zip is kept, and neither the extraction
+    record nor the ready marker is written."""
+    zips = tmp_path / "zips"
+    images = large_cityscapes_zips(zips)
     root = small_fs(256) / "data"
     section = section_of("cityscapes", expected_images=2)
     with pytest.raises(DataError, match="no space left on the device: need"):

@@ -292,10 +292,11 @@ class DenseEncoder(nn.Module):
             early[self.depth] = softmax_attention(q, k)
         block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn,
                        "alpha": last.alpha}
-        return AttentionInputs(z, q, k, v, trunk.grid, early, trunk.x, trunk.hidden,
-                               self.visual.transformer.resblocks, block_knobs, queries,
-                               trunk.images, self.features, trunk.proxy.get(last.proxy),
-                               logit_scale, named={n: trunk.named[n] for n in last.features})
+        return AttentionInputs(
+            z=z, q=q, k=k, v=v, grid=trunk.grid, early=early, x=trunk.x, hidden=trunk.hidden,
+            blocks=self.visual.transformer.resblocks, block=block_knobs, queries=queries,
+            images=trunk.images, features=self.features, proxy=trunk.proxy.get(last.proxy),
+            logit_scale=logit_scale, named={n: trunk.named[n] for n in last.features})
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""

@@ -164,13 +164,14 @@ def job_identity() -> dict[str, Any]:
 def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
                  per_class: Mapping[str, float | None], info: Mapping[str, Any],
                  num_images: int, timings: Mapping[str, float], variant: str | None = None,
-                 classes: Sequence[str] | None = None) -> dict[str, Any]:
+                 classes: Sequence[str] | None = None, spec: HeadSpec | None = None
+                 ) -> dict[str, Any]:
     """A finished evaluation's record (``config`` resolved, metrics in %): ``per_class``
     keyed by each class's display name, ``classes`` its full query lines (synonyms)."""
     return {
         "status": FINISHED,
         "key": key,
-        "summary": summary_of(config, metrics, info, num_images),
+        "summary": summary_of(config, metrics, info, num_images, spec),
         "sweep": config.get("sweep"),
         "job": job_identity(),
         "variant": variant or None,

@@ -234,7 +234,7 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     if job.proxy is not None:  # the record's model section names both backbones
         info = {**info, "proxy": job.proxy}
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
-                          job.entry, classes=spec.classes)
+                          job.entry, classes=spec.classes, spec=job.spec)
     # The record first: nothing that happens to the files and logging after it can lose it.
     path = save_record(job.run_dir, record)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
