@@ -50,6 +50,7 @@ from sclip_lab.tables import (
     select_model,
     table_id,
     vit_for,
+    write_backbones,
     write_table,
 )
 
@@ -114,6 +115,11 @@ def build_tables(args: argparse.Namespace) -> int:
         log.warning("no finished result records in %s; tables hold the paper's values only",
                     source)
     ids = list(dict.fromkeys(table_id(t) for t in args.tables))
+    if args.model is None:  # a named table over several backbones: one more CSV with them all
+        for number in (i for i in ids if isinstance(i, str)):
+            path = write_backbones(number, records, args.out, preset=args.preset)
+            if path is not None:
+                print(f"-> {path} (every backbone)")
     records, model = select_model(records, args.model, args.pretrained)
     vit = vit_for(model) if 4 in ids else None
     for number in ids:

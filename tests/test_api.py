@@ -93,7 +93,8 @@ def test_an_unknown_method_lists_the_methods_as_the_command_line_does(tiny):
     with pytest.raises(sclip_lab.ConfigError) as caught:
         sclip_lab.load("nope")
     message = str(caught.value)
-    assert "\n" not in message and "Could not find 'attention/nope'" in message
+    assert "\n" not in message and "unknown attention=nope (no conf/attention/nope.yaml)" \
+        in message
     assert all(name in message for name in ATTENTIONS)
     done = cli("run", "attention=nope", "--verbose", *tiny)
     assert done.returncode == 2 and f"error: {message}" in done.stderr
@@ -103,7 +104,7 @@ def test_an_unknown_method_lists_the_methods_as_the_command_line_does(tiny):
     ({"foo": 3}, ATTENTIONS["naclip"].unknown_knob("foo")),
     ({"sigma": -1}, "attention.sigma=-1 is out of range"),
     ({"projection": "random"}, "attention=naclip has no projection"),
-    ({"dataset": "nope"}, "Could not find 'dataset/nope'"),
+    ({"dataset": "nope"}, "unknown dataset=nope (no conf/dataset/nope.yaml)"),
     ({"classes": 3}, "classes must be a list of names"),
 ])
 def test_bad_input_is_one_config_error(knobs, expected, backbone):

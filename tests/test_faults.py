@@ -97,6 +97,18 @@ CASES = [
      "available options in 'dataset': ade20k, cityscapes, coco_object"),
     ("unknown-attention", RUN, ["attention=nope"], 2, "attention/nope"),
     ("unknown-key", RUN, ["notakey=1"], 2, "notakey"),
+    # misspelt names: the closest group, option, key or knob
+    ("typo-group", RUN, ["atention=csa"], 2, "atention is not a config group or key; did you "
+     "mean attention=csa?"),
+    ("typo-option", RUN, ["attention=csaa"], 2, "unknown attention=csaa (no conf/attention/"
+     "csaa.yaml); did you mean attention=csa? available options in 'attention': clearclip"),
+    ("typo-top-knob", RUN, ["kernal=5"], 2, "did you mean kernel=5?"),
+    ("typo-knob", RUN, ["attention=local", "attention.kernal=5"], 2,
+     "attention=local has no knob 'kernal'; its knobs: kernel"),
+    ("typo-knob-hint", RUN, ["attention=local", "attention.kernal=5"], 2,
+     "; did you mean attention.kernel?"),
+    ("typo-variant", RUN, ["variants=[csaa]"], 2, "[csaa] variant 'csaa': unknown "
+     "attention=csaa (no conf/attention/csaa.yaml); did you mean attention=csa?"),
     ("override-syntax", RUN, ["limit=[1"], 2, "limit=[1"),
     ("run-dir-under-file", RUN, ["hydra.run.dir={file}/run"], 2,
      "cannot create the run directory"),
@@ -815,3 +827,34 @@ def test_prepare_on_a_full_disk_is_one_line_and_keeps_the_archive(small_fs, tmp_
     assert errors[0].startswith("error: no space left on the device: need 0.000")
     assert "damaged" not in errors[0] and "Traceback" not in captured.err + captured.out
     assert images.is_file() and not list(root.rglob(".sclip_ready.*"))
+
+
+# ----------------------------------------------------- the README's error examples are true
+
+
+def readme_error_examples() -> list[tuple[str, list[str], str]]:
+    """``(module, argv, error line)`` of every ``$ python -m sclip_lab.<module> …`` line of
+    the README followed by an ``error:`` line."""
+    import shlex
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    out = []
+    for command, answer in zip(lines, lines[1:]):
+        if command.startswith("$ python -m sclip_lab.") and answer.startswith("error: "):
+            words = shlex.split(command[2:])
+            out.append((words[2].removeprefix("sclip_lab."), words[3:], answer))
+    return out
+
+
+def test_the_readme_shows_its_error_examples():
+    assert len(readme_error_examples()) >= 3
+
+
+@pytest.mark.parametrize("module,argv,line", readme_error_examples(),
+                         ids=[" ".join(a) for _, a, _ in readme_error_examples()])
+def test_a_readme_error_example_prints_what_it_shows(tmp_path, capsys, monkeypatch, module,
+                                                     argv, line):
+    monkeypatch.chdir(tmp_path)
+    assert invoke(module, [*argv, f"hydra.run.dir={tmp_path / 'run'}"]) == 2
+    errors = [e for e in capsys.readouterr().err.splitlines() if e.startswith("error: ")]
+    assert errors == [line]

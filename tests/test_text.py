@@ -146,3 +146,17 @@ def test_new_vocabulary_reuses_cached_names(tiny_model, tmp_path, monkeypatch):
                                rtol=1e-5, atol=1e-6)
     text.classifier(tiny_model, TINY, ["cat"], "single", dev, tmp_path)  # other templates
     assert calls[-1] == ["cat"]
+
+
+def test_default_tokenizer_keeps_the_old_key(tiny_model, tmp_path):
+    """CLIP's own tokenizer at 77, given or not, adds nothing to the key (old caches stay
+    valid); another tokenizer's entry is another file."""
+    dev = torch.device("cpu")
+    text.classifier(tiny_model, TINY, ["cat"], "single", dev, tmp_path)
+    text.classifier(tiny_model, TINY, ["cat"], "single", dev, tmp_path,
+                    open_clip.get_tokenizer(TINY))
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    other = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+    other.name = "SimpleTokenizer-other-vocab"
+    text.classifier(tiny_model, TINY, ["cat"], "single", dev, tmp_path, other)
+    assert len(list(tmp_path.glob("*.pt"))) == 2

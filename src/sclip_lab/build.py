@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from sclip_lab import data
+from sclip_lab.cli import hydra_message
 from sclip_lab.config import variant_overrides
 from sclip_lab.errors import ConfigError, number
 from sclip_lab.head_spec import HeadSpec, head_spec_of
@@ -70,7 +71,7 @@ def _variant_config(cfg: DictConfig, entry: str, compose) -> DictConfig:
     except ConfigError:
         raise
     except Exception as e:  # Hydra's own errors name the unknown group or option
-        raise ConfigError(f"variant '{entry}': {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"variant '{entry}': {hydra_message(e)}") from None
     for key in SHARED_KEYS:
         if OmegaConf.select(vcfg, key) != OmegaConf.select(cfg, key):
             raise ConfigError(f"variant '{entry}' changes {key}; variants may only change "

@@ -28,12 +28,21 @@ from sclip_lab.errors import (
     PartialFailure,
     UserError,
     check_config,
+    closest,
     message_of,
     report,
 )
 from sclip_lab.records import failed_jobs, mark_failed
 
 log = logging.getLogger("sclip_lab")
+
+# Top-level keys of conf/run.yaml and its siblings a user types (for "did you mean").
+TOP_LEVEL_KEYS = ("n", "trial", "temperature", "kernel", "layer", "sigma", "data_root",
+                  "limit", "auto_prepare", "device", "precision", "batch_size",
+                  "images_per_batch", "num_workers", "num_threads", "seed", "cache_dir",
+                  "trunk_cache", "trunk_cache_dtype", "save_overlays", "variants",
+                  "resume_root", "image", "output", "logits", "classes", "logit_scale",
+                  "points", "attentions", "size", "mode", "steps", "lr", "images")
 
 
 class _Guarded:
@@ -139,14 +148,35 @@ def hydra_message(error: BaseException) -> str:
     text = " ".join(parts).split("Config search path:")[0]
     text = re.sub(r"\s*(full_key|object_type|reference_type)[:=] ?\S*", "", text)
     options = re.search(r"Available options in '(\w+)':\s*(.*)$", text)
-    if options:  # one comma-separated list, without the schema the group's files extend
+    missing = re.search(r"Could not find '(\w+)/([^']+)'", text)
+    if options and missing:  # an unknown option: the closest one, then the list
         names = [n for n in options.group(2).split() if not n.startswith("base_")]
-        text = (text[:options.start()].rstrip() + f"; available options in '{options.group(1)}': "
-                + ", ".join(names))
+        group, option = missing.groups()
+        near = closest(option, names)
+        hint = f"did you mean {group}={near}? " if near else ""
+        return (f"unknown {group}={option} (no conf/{group}/{option}.yaml); {hint}"
+                f"available options in '{group}': {', '.join(names)}")
     knob = re.search(r"Could not override 'attention\.(\w+)'", text)
     if knob and "not in struct" in text:  # a knob the chosen variant's file does not list
         return unknown_knob_message(knob.group(1))
+    key = re.search(r"Could not override '([\w.]+)'", text)
+    if key and "not in struct" in text:  # a misspelt group or top-level key
+        return unknown_key_message(key.group(1), error)
     return text.strip()
+
+
+def unknown_key_message(key: str, error: BaseException) -> str:
+    """``atention=csa`` / ``kernal=3``: the closest config group or top-level key."""
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    known = [*groups, *TOP_LEVEL_KEYS]
+    near = closest(key, known)
+    value = str(getattr(error, "override", None) or "").split("=", 1)[-1]
+    given = next((a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") == key), None)
+    value = given.split("=", 1)[1] if given and "=" in given else value
+    if not near:
+        return f"{key} is not a config group or key"
+    return f"{key} is not a config group or key; did you mean {near}" + (
+        f"={value}?" if value else "?")
 
 
 def unknown_knob_message(key: str) -> str:

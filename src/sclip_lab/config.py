@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import sclip_lab.data  # noqa: F401 - registers dataset/base_dataset, the schema conf/dataset/ extends
+from sclip_lab.backbones import backbone_dir, native_stride, native_window
 from sclip_lab.errors import ConfigError
 from sclip_lab.head_spec import HeadSpec, head_spec_of
 from sclip_lab.knobs import BLOCK_KNOBS, TRUNK_KNOBS
@@ -101,7 +102,9 @@ def register_attention_schema() -> None:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("paper_short_side"):
         OmegaConf.register_new_resolver("paper_short_side", paper_short_side)
-    for name, fn in (("by_dataset", by_dataset), ("window_of", window_of)):
+    for name, fn in (("by_dataset", by_dataset), ("window_of", window_of),
+                     ("native_window", native_window), ("native_stride", native_stride),
+                     ("backbone_dir", backbone_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("variant_dir"):

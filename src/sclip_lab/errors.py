@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,15 @@ class Interrupted(BaseException):
         done = f"{self.progress}; " if self.progress else ""
         return (f"interrupted: {done}nothing recorded for the unfinished variants; rerun "
                 "the same command to evaluate them (records already written are kept)")
+
+
+def closest(word: str, known: Iterable[str]) -> str | None:
+    """The known name closest to a misspelt ``word`` (difflib), or None if none is close:
+    for "did you mean …?" in error lines."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def verbose() -> bool:

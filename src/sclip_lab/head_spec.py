@@ -41,10 +41,12 @@ class Pairs(tuple):
 
 
 def freeze(value: Any) -> Any:
-    """A config value as a hashable one: mappings -> ``Pairs``, lists -> tuples."""
+    """A config value as a hashable one: mappings -> ``Pairs``, sequences -> tuples (an
+    OmegaConf ``DictConfig`` / ``ListConfig`` as its plain values: a spec made from a
+    composed config equals the one made from its container)."""
     if isinstance(value, Mapping):
         return Pairs((k, freeze(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         return tuple(freeze(v) for v in value)
     return value
 
@@ -256,12 +258,13 @@ def head_spec_of(config: Mapping[str, Any], *, depth: int | None = None,
                      config.get("proxy"), depth=depth, require_proxy=require_proxy)
 
 
-def default_fields(attention: str, projection: str | None = None) -> dict[str, Any]:
-    """The summary fields of ``attention`` with nothing configured (its declared defaults,
-    with ``projection``'s set for variants that take one): what tables give a record that
-    predates a field."""
+def default_fields(attention: str, projection: Mapping[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The summary fields of ``attention`` with nothing configured (its declared defaults;
+    ``projection``: the section of its projection set, for variants that take one): what
+    tables give a record that predates a field."""
     variant = get_variant(attention)
-    section = {"name": projection} if projection and variant.projection else None
+    section = dict(projection) if projection and variant.projection else None
     return head_spec({"name": attention}, section, require_proxy=False).summary()
 
 

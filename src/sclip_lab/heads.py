@@ -11,9 +11,29 @@ from typing import Any
 from torch import Tensor
 
 from sclip_lab import segment
+from sclip_lab.errors import ConfigError
 from sclip_lab.head_spec import HeadSpec, head_spec
 from sclip_lab.knobs import BindContext
 from sclip_lab.model import DenseEncoder, LastBlock
+
+# Why a backbone cannot host a method, per missing need (Variant.requires).
+NEED_WORDS = {"cls": "reads the CLS token", "blocks": "runs its own path over open_clip's "
+              "residual blocks", "hidden": "reads the trunk's hidden states",
+              "qkv": "reads the last block's per-head q/k/v", "grid": "needs a patch grid"}
+
+
+def check_backbone(spec: HeadSpec, encoder: DenseEncoder) -> None:
+    """One ConfigError line where ``encoder`` lacks what ``spec``'s variant requires."""
+    provides = getattr(encoder, "provides", None)
+    if provides is None:
+        return
+    missing = sorted(spec.variant.requires - provides)
+    if missing:
+        tower = getattr(encoder, "kind", type(encoder.visual).__name__)
+        why = "; ".join(NEED_WORDS.get(m, m) for m in missing)
+        raise ConfigError(f"attention={spec.variant.name} {why}, which the {tower} tower lacks "
+                          f"(no {', '.join(missing)}); run it on an OpenAI/OpenCLIP ViT preset "
+                          "(model=vit_b16_openai)")
 
 
 def last_block_of(spec: HeadSpec, encoder: DenseEncoder,
@@ -21,11 +41,12 @@ def last_block_of(spec: HeadSpec, encoder: DenseEncoder,
     """A validated head's last block on ``encoder``: its depth-bounded knobs checked
     against the model, its ``needs`` of the trunk, the variant's ``prepare`` hook run
     (CSA's projection matrices; ``learned``: the trained (W, b) of ``projection=learned``)."""
+    check_backbone(spec, encoder)
     spec.check_depth(encoder.depth)
     needs = spec.needs(encoder.depth)
     knobs = spec.params
     if spec.variant.prepare is not None:
-        block_attn = encoder.visual.transformer.resblocks[-1].attn
+        block_attn = encoder.bind_attn
         knobs = spec.variant.prepare(knobs, BindContext(block_attn, spec.projection, learned))
     return LastBlock(spec.variant, knobs, needs.early, needs.hidden, **spec.blocks,
                      proxy=needs.proxy, pos_embed=needs.pos_embed, features=needs.features)
@@ -66,4 +87,5 @@ def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | Non
                    encoder, learned)
 
 
-__all__ = ["Head", "build_head", "build_last_block", "head_of", "last_block_of"]
+__all__ = ["Head", "build_head", "build_last_block", "check_backbone", "head_of",
+           "last_block_of"]

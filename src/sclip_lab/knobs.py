@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from sclip_lab.errors import ConfigError
+from sclip_lab.errors import ConfigError, closest
 from sclip_lab.errors import number as to_number
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, POS_EMBED_RULES
 
@@ -208,6 +208,10 @@ class Variant:
         features: bound knobs -> the named trunk features it reads (``kind`` or
             ``kind.arg``, each of a provider registered with ``sclip_lab.features``), found
             in ``AttentionInputs.named``.
+        requires: what it needs of a backbone beyond the last block's q/k/v and the
+            grid: ``cls`` (a CLS token), ``blocks`` (open_clip's residual blocks, for paths
+            over several blocks), ``hidden``; each encoder's ``provides`` is checked against
+            it when a head is built (``heads.last_block_of``).
     """
 
     name: str
@@ -227,6 +231,7 @@ class Variant:
     proxy: bool = False
     features: Callable[[Mapping[str, Any]], tuple[str, ...]] = field(default=lambda p: ())
     pos_embed: str = DEFAULT_POS_EMBED
+    requires: frozenset[str] = frozenset()
 
     def attention_map(self, inputs: Any, params: Mapping[str, Any]) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention under this variant."""
@@ -252,8 +257,10 @@ class Variant:
 
     def unknown_knob(self, key: str) -> str:
         """The message for ``attention.<key>`` that this variant does not declare."""
-        return (f"attention={self.name} has no knob {key!r}; its knobs: {self.knob_list()} "
-                f"(drop attention.{key})")
+        near = closest(key, [n for k in self.knobs for n in (k.name, *k.aliases)]
+                       + [*BLOCK_NAMES, *TRUNK_NAMES])
+        fix = f"; did you mean attention.{near}?" if near else f" (drop attention.{key})"
+        return f"attention={self.name} has no knob {key!r}; its knobs: {self.knob_list()}{fix}"
 
     def bind(self, section: Mapping[str, Any], depth: int | None = None
              ) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Buffers OpenAI's TorchScript CLIP carries beside its weights; their presence marks the format.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+# What open_clip's own ViT hands a method (``Variant.requires``): a CLS token, per-head q/k/v
+# of the last block, hidden states, the patch grid, open_clip residual blocks (multi-block paths).
+CLIP_PROVIDES = frozenset({"cls", "qkv", "hidden", "grid", "blocks"})
 
 
 class ModelError(UserError):
@@ -160,8 +163,10 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         raise ModelError(f"could not get weights '{pretrained}' for {built} ({brief(e)}); "
                          "without hub access pass a local file: model.pretrained=/path/to/"
                          "ViT-B-16.pt", detail=str(e)) from None
-    if not isinstance(getattr(model, "visual", None), open_clip.transformer.VisionTransformer):
-        raise ModelError(f"{arch} has no open_clip VisionTransformer tower; use a ViT config")
+    if not isinstance(getattr(model, "visual", None), (open_clip.transformer.VisionTransformer,
+                                                       open_clip.timm_model.TimmModel)):
+        raise ModelError(f"{arch} has no open_clip VisionTransformer or timm tower; use a ViT "
+                         "config")
     if state is not None:
         load_state(model, state, path, f"model.arch={built}",
                    "set model.arch to the checkpoint's architecture", error=ModelError)
@@ -224,6 +229,14 @@ class DenseEncoder(nn.Module):
         self.visual = visual
         self.depth = len(visual.transformer.resblocks)
         self.patch = visual.conv1.kernel_size[0]
+        self.prefix = 1  # the CLS token precedes the grid
+        self.width = int(visual.transformer.width)
+        self.provides = CLIP_PROVIDES
+
+    @property
+    def bind_attn(self) -> nn.Module:
+        """The last block's attention, as a variant's ``prepare`` reads it (``BindContext``)."""
+        return self.visual.transformer.resblocks[-1].attn
 
     @property
     def dtype(self) -> torch.dtype:

@@ -26,6 +26,7 @@ from sclip_lab.pos_embed import DEFAULT_POS_EMBED
 from sclip_lab.preprocess import Preprocess
 from sclip_lab.proxy import ProxyBackbone, load_proxy, window_features
 from sclip_lab.text import classifier, split_queries
+from sclip_lab.timm_tower import dense_encoder
 from sclip_lab.trunk_cache import TrunkCache, open_cache
 
 log = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ def build_segmenter(
         heads = [head_spec(attention or {"name": "csa"}, projection, postprocess, proxy)]
     learned = list(learned or [None] * len(heads))
     clip, info = clip_from_section(model, precision, device)
-    encoder = DenseEncoder(clip.visual)
+    encoder = dense_encoder(clip.visual)  # open_clip's ViT or a timm tower (timm_tower.py)
     if prep.window is not None and prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "
                           f"{encoder.patch}-pixel patch of {info['arch']}")

@@ -138,7 +138,7 @@ def refuse_broken(jobs: Sequence[Job]) -> list[Job]:
 
 def failed_list(jobs: Sequence[Job]) -> str:
     """``[label] why, …`` of the failed jobs, for one line."""
-    def clip(text: str, limit: int = 100) -> str:
+    def clip(text: str, limit: int = 140) -> str:
         return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
     return ", ".join(f"[{j.label}] {clip(message_of(j.error))}" for j in jobs if j.error)

@@ -5,7 +5,9 @@ and ``query_class[q]`` is its class. All prompts of a vocabulary are encoded tog
 large, length-sorted batches with each template's shared prefix run once
 (``sclip_lab.text_tower``; exact under CLIP's causal mask). Embeddings are cached on disk
 per vocabulary, keyed by the text tower's weights, arch, dtype, the names and the
-templates; a new vocabulary takes the names it shares with cached ones from them.
+templates (and the tokenizer, when it is not CLIP's own at 77 tokens); a new vocabulary
+takes the names it shares with cached ones from them. Tokenizers come from open_clip's
+model config (``tokenizer_for``); tests and offline setups may register their own.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -26,11 +29,15 @@ from tqdm.auto import tqdm
 
 from sclip_lab.errors import ConfigError
 from sclip_lab.files import atomic_target, state_digest
-from sclip_lab.text_tower import causal_clip_text, encode_prompts
+from sclip_lab.text_tower import causal_clip_text, encode_prompts, project, text_module
 
 log = logging.getLogger(__name__)
 
 SILENT_BELOW = 640  # prompts: smaller vocabularies (≈ 8 names × 80 templates) show no bar
+# CLIP's BPE tokenizer at CLIP's context: cache keys written before other tokenizers existed
+# omit it, so they stay valid (docs/protocol.md §4).
+DEFAULT_TOKENIZER = {"tokenizer": "SimpleTokenizer", "context_length": 77}
+_TOKENIZERS: dict[str, Callable[[list[str]], Tensor]] = {}  # arch -> register_tokenizer's
 
 TEMPLATE_SETS: dict[str, tuple[Callable[[str], str], ...]] = {
     "openai_imagenet": tuple(OPENAI_IMAGENET_TEMPLATES),  # the 80, in their original order
@@ -66,6 +73,103 @@ def get_templates(name: str) -> tuple[Callable[[str], str], ...]:
     return TEMPLATE_SETS[name]
 
 
+def register_tokenizer(arch: str, tokenizer: Callable[[list[str]], Tensor] | None) -> None:
+    """Use ``tokenizer`` (``list[str]`` -> ``(B, L)`` long) for ``arch`` instead of
+    open_clip's; None removes it. For tests and for hub tokenizers kept elsewhere."""
+    if tokenizer is None:
+        _TOKENIZERS.pop(arch, None)
+    else:
+        _TOKENIZERS[arch] = tokenizer
+
+
+def text_config(arch: str) -> dict:
+    """open_clip's ``text_cfg`` of ``arch`` ({} for an arch it does not know)."""
+    return dict((open_clip.get_model_config(arch) or {}).get("text_cfg", {}))
+
+
+def tokenizer_identity(arch: str, tokenizer: Callable | None = None) -> dict:
+    """What a cache key needs of the tokenizer: ``{"tokenizer": name, "context_length": L}``.
+
+    From ``tokenizer`` (or the registered one) when given, else from open_clip's config
+    without building it (a cached vocabulary needs no hub download).
+    """
+    tok = tokenizer or _TOKENIZERS.get(arch)
+    if tok is not None:
+        hf = getattr(getattr(tok, "tokenizer", None), "name_or_path", None)
+        name = hf or getattr(tok, "name", None) or type(tok).__name__
+        return {"tokenizer": str(name), "context_length": int(getattr(tok, "context_length", 0))}
+    cfg = text_config(arch)
+    name = cfg.get("hf_tokenizer_name") or (
+        "SigLipTokenizer" if "siglip" in arch.lower() else "SimpleTokenizer")
+    return {"tokenizer": name, "context_length": int(cfg.get("context_length", 77))}
+
+
+def tokenizer_for(arch: str, override: Callable | None = None) -> Callable[[list[str]], Tensor]:
+    """The tokenizer of ``arch``: ``override``, a registered one, or open_clip's.
+
+    Raises:
+        ConfigError: a Hugging Face tokenizer that cannot be loaded here (offline and not in
+            the local cache, or ``transformers`` missing), as one line naming the fix.
+    """
+    if override is not None or arch in _TOKENIZERS:
+        return override or _TOKENIZERS[arch]
+    try:
+        return open_clip.get_tokenizer(arch)
+    except ImportError as e:
+        pkg = e.name or "transformers"
+        raise ConfigError(f"the {arch} tokenizer ({tokenizer_identity(arch)['tokenizer']}) "
+                          f"needs the {pkg} package: pip install {pkg}") from None
+    except (OSError, ValueError) as e:
+        hf = tokenizer_identity(arch)["tokenizer"]
+        if hf == "SimpleTokenizer":
+            raise
+        raise ConfigError(f"the {arch} tokenizer ({hf}) is not in the local Hugging Face cache "
+                          "and the hub is offline: go online once or set HF_HOME to a cache "
+                          "that has it") from e
+
+
+SCORES = ("softmax", "sigmoid")  # text.scores: how cosine logits become probabilities
+
+
+@dataclass(frozen=True)
+class SigmoidHead:
+    """SigLIP's image-text probability, per query: ``sigmoid(scale·cos + bias)``
+    (docs/protocol.md §4, "Sigmoid backbones"). ``scale`` is ``exp(model.logit_scale)``."""
+
+    scale: float
+    bias: float
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """``(Q, *S)`` cosine logits -> ``(Q, *S)`` fp32, each query on its own (no sum to 1)."""
+        return torch.sigmoid(logits.float() * self.scale + self.bias)
+
+
+def sigmoid_head(model: nn.Module) -> SigmoidHead | None:
+    """The model's own sigmoid text head (SigLIP, SigLIP 2: a ``logit_bias``), else None."""
+    bias = getattr(model, "logit_bias", None)
+    if bias is None:
+        return None
+    return SigmoidHead(float(model.logit_scale.detach().exp()), float(bias.detach()))
+
+
+def score_rule(scores: str, model: nn.Module, arch: str) -> SigmoidHead | None:
+    """``text.scores`` -> None (softmax over queries at the protocol's logit scale, the
+    default) or the model's ``SigmoidHead``.
+
+    Raises:
+        ConfigError: an unknown value, or ``sigmoid`` on a backbone without a sigmoid head.
+    """
+    if scores not in SCORES:
+        raise ConfigError(f"unknown text.scores={scores!r}; choose one of {list(SCORES)}")
+    if scores == "softmax":
+        return None
+    head = sigmoid_head(model)
+    if head is None:
+        raise ConfigError(f"text.scores=sigmoid needs a sigmoid backbone (a logit_bias: SigLIP, "
+                          f"SigLIP 2); {arch} has none: use text.scores=softmax")
+    return head
+
+
 def tower_fingerprint(model: nn.Module) -> str:
     """Hash of every text-side tensor (weights identity for the cache key)."""
     return state_digest(model.state_dict(),
@@ -74,23 +178,22 @@ def tower_fingerprint(model: nn.Module) -> str:
 
 @torch.no_grad()
 def encode_text(model: nn.Module, tokens: Tensor) -> Tensor:
-    """``(B, 77)`` token ids -> ``(B, E)`` text embeddings (not normalised).
+    """``(B, L)`` token ids -> ``(B, E)`` text embeddings (not normalised).
 
-    For CLIP's causal, EOT-pooled text tower the sequence is cut after the longest prompt's
+    For a CLIP-style causal, EOT-pooled text tower the sequence is cut after the longest prompt's
     end-of-text token: under the causal mask later positions cannot reach it, so the
     result equals ``model.encode_text`` at a fraction of the cost.
     """
-    if not causal_clip_text(model):
+    tower = text_module(model)
+    if not causal_clip_text(tower):
         return model.encode_text(tokens)
     eot = tokens.argmax(dim=-1)
     n = int(eot.max()) + 1
     tokens = tokens[:, :n]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:n].to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
-    x = model.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
-    proj = model.text_projection
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:n].to(cast)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+    return project(tower, tower.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot])
 
 
 def query_embeddings(model: nn.Module, tokenizer: Callable, names: Sequence[str],
@@ -108,6 +211,10 @@ def query_embeddings(model: nn.Module, tokenizer: Callable, names: Sequence[str]
     prompts = [t(n) for n in unique for t in templates]  # name-major: row u·T + t
     start = time.perf_counter()
     tokens = tokenizer(prompts).to(device)
+    width = getattr(model, "context_length", tokens.shape[1])
+    if tokens.ndim != 2 or tokens.shape[1] != width:
+        raise ConfigError(f"the tokenizer gives {tuple(tokens.shape)} token ids but the text "
+                         f"tower takes (B, {width}): give the model's own tokenizer")
     groups = torch.arange(len(templates), device=device).repeat(len(unique))
     with tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False,
               disable=len(prompts) < SILENT_BELOW) as bar:
@@ -126,16 +233,21 @@ def digest(fields: dict) -> str:
 
 
 def classifier(model: nn.Module, arch: str, names: Sequence[str], templates: str,
-               device: torch.device, cache_dir: str | Path | None) -> Tensor:
+               device: torch.device, cache_dir: str | Path | None,
+               tokenizer: Callable[[list[str]], Tensor] | None = None) -> Tensor:
     """Cached ``query_embeddings`` for ``names`` with template set ``templates``.
 
     The vocabulary's own entry ``text-<key>.pt`` is read when present. Otherwise the names
     that other entries of the same tower and templates hold are taken from them (VOC20's
     from VOC21's, Context59's from Context60's) and only the rest are encoded.
+    ``tokenizer``: instead of ``tokenizer_for(arch)``; it is built only on a cache miss.
     """
     tmpl = get_templates(templates)
     tower = {"weights": tower_fingerprint(model), "arch": arch,
              "dtype": str(next(model.parameters()).dtype)}
+    tok_id = tokenizer_identity(arch, tokenizer)
+    if tok_id != DEFAULT_TOKENIZER:  # CLIP's own tokenizer leaves old keys as they were
+        tower["tokenizer"] = tok_id
     tmpl_text = [t("{}") for t in tmpl]
     family = digest({**tower, "templates": tmpl_text})  # entries whose rows are interchangeable
     key = digest({**tower, "names": list(names), "templates": tmpl_text})  # old entries stay valid
@@ -150,7 +262,7 @@ def classifier(model: nn.Module, arch: str, names: Sequence[str], templates: str
     missing = [n for n in dict.fromkeys(names) if n not in known]
     if missing:
         where = f"one-time, cached in {root}" if root else "not cached"
-        new = query_embeddings(model, open_clip.get_tokenizer(arch), missing, tmpl, device,
+        new = query_embeddings(model, tokenizer_for(arch, tokenizer), missing, tmpl, device,
                                desc=f"text embeddings ({where})")
         known.update(zip(missing, new.cpu()))
     emb = torch.stack([known[n] for n in names])

@@ -10,7 +10,8 @@ Under the causal mask a position sees only the positions before it. Hence
 Suffixes are sorted by length and encoded in large batches, each cut at its own longest
 suffix, so little is padded. For the 80 OpenAI templates the suffixes hold ~2.5× fewer
 tokens than the prompts. Towers this does not fit (no causal mask, other pooling, other
-blocks) run ``model.encode_text`` in batches instead.
+blocks: SigLIP's bidirectional, last-token-pooled one) run ``model.encode_text`` in
+batches instead, each prompt whole.
 """
 
 from __future__ import annotations
@@ -26,11 +27,22 @@ from sclip_lab.attention.core import around, attention_qkv, merge_heads
 KV = list[tuple[Tensor, Tensor]]  # per block: keys and values, each (B, heads, N, d_h)
 
 
+def text_module(model: nn.Module) -> nn.Module:
+    """The module that holds the text transformer: ``model.text`` of open_clip's
+    ``CustomTextCLIP`` (SigLIP, PE, EVA), else ``model`` itself (``CLIP``, same names)."""
+    text = getattr(model, "text", None)
+    return text if hasattr(text, "token_embedding") else model
+
+
 def causal_clip_text(model: nn.Module) -> bool:
-    """True for CLIP's text tower: causal mask, EOT (argmax) pooling, plain MHA blocks."""
+    """True for a CLIP-style text transformer (``CLIP`` or the ``TextTransformer`` of
+    ``text_module``): causal mask, EOT (argmax) pooling, no padding mask or CLS token,
+    plain MHA blocks. SigLIP's (no mask, last-token pooling) is not one."""
     mask = getattr(model, "attn_mask", None)
-    if (getattr(model, "text_pool_type", None) != "argmax" or mask is None
-            or not hasattr(model, "token_embedding")):
+    pool = getattr(model, "text_pool_type", getattr(model, "pool_type", None))
+    if (pool != "argmax" or mask is None or not hasattr(model, "token_embedding")
+            or getattr(model, "cls_emb", None) is not None
+            or getattr(model, "use_pad_mask", False)):
         return False
     causal = torch.full_like(mask, float("-inf")).triu(1)
     return torch.equal(mask, causal) and all(
@@ -116,7 +128,15 @@ def suffix_embeddings(model: nn.Module, tokens: Tensor, starts: Tensor, past: KV
     mask = torch.cat([prefix_ok[:, None, :].expand(B, s, p), causal.expand(B, s, s)], -1)
     x, _ = run_positions(model, tokens.gather(1, positions), positions, past, mask[:, None])
     x = model.ln_final(x[torch.arange(B, device=x.device), eot - starts])
+    return project(model, x)
+
+
+def project(model: nn.Module, x: Tensor) -> Tensor:
+    """``(B, D)`` pooled states -> ``(B, E)`` through the text projection (a matrix, a
+    ``Linear`` with or without bias, or none)."""
     proj = model.text_projection
+    if proj is None:
+        return x
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
@@ -159,7 +179,7 @@ def encode_prompts(model: nn.Module, tokens: Tensor, groups: Tensor, batch_token
     """``(P, L)`` token ids -> ``(P, E)`` text embeddings (not normalised, model dtype).
 
     Args:
-        model: an open_clip CLIP (its text tower is used).
+        model: an open_clip ``CLIP`` or ``CustomTextCLIP`` (its text tower is used).
         tokens: the tokenised prompts, in any order (P ≥ 1).
         groups: ``(P,)`` ids; rows of one group (one template) share a cached prefix. Any
             grouping is exact; grouping by template saves the most work.
@@ -168,8 +188,9 @@ def encode_prompts(model: nn.Module, tokens: Tensor, groups: Tensor, batch_token
             of larger batches leave the caches).
         progress: called with the number of prompts after each batch.
     """
-    if causal_clip_text(model):
-        batches, encode = prefix_plan(model, tokens, groups, batch_tokens)
+    tower = text_module(model)
+    if causal_clip_text(tower):
+        batches, encode = prefix_plan(tower, tokens, groups, batch_tokens)
     else:
         step = max(1, batch_tokens // tokens.shape[1])
         batches = list(torch.arange(len(tokens), device=tokens.device).split(step))

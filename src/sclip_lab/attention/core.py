@@ -86,7 +86,8 @@ ATTENTIONS: dict[str, Variant] = {}
 def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool = True,
                        ffn: bool = True, borrows=None, hidden=None, prepare=None,
                        projection=None, output: str = "attention", readout=None,
-                       maps=None, proxy: bool = False, features=None, pos_embed=None):
+                       maps=None, proxy: bool = False, features=None, pos_embed=None,
+                       requires: Sequence[str] = ()):
     """Decorator adding ``fn`` to ``ATTENTIONS`` under ``name`` with its declared knobs and
     hooks (``sclip_lab.knobs.Variant``); the first docstring line is its listing.
     Duplicates are an error."""
@@ -102,7 +103,8 @@ def register_attention(name: str, *, knobs: Sequence[Knob] = (), residual: bool 
                  if v is not None}
         ATTENTIONS[name] = Variant(name, fn, tuple(knobs), residual, ffn, doc,
                                    prepare=prepare, projection=projection, output=output,
-                                   readout=readout, maps=maps, proxy=proxy, **extra)
+                                   readout=readout, maps=maps, proxy=proxy,
+                                   requires=frozenset(requires), **extra)
         return fn
 
     return wrap
@@ -178,26 +180,29 @@ TERMS = ("qk", "qq", "kk", "vv", "id", "nonly")
 COMBINES = ("sum", "mean")
 
 
-def gaussian_grid_bias(grid: tuple[int, int], sigma: float, device=None) -> Tensor:
+def gaussian_grid_bias(grid: tuple[int, int], sigma: float, device=None,
+                       prefix: int = 1) -> Tensor:
     """``(N, N)`` NACLIP neighbourhood bias: exp(−dist²/2σ²) over grid positions, peak 1,
-    zero on the CLS row and column."""
+    zero on the rows and columns of the ``prefix`` tokens (the CLS; 0 on a MAP tower)."""
     pos = grid_coords(grid, device).float()
     dist2 = ((pos[:, None, :] - pos[None, :, :]) ** 2).sum(-1)
-    n = pos.shape[0] + 1
+    n = pos.shape[0] + prefix
     bias = torch.zeros(n, n, device=device)
-    bias[1:, 1:] = torch.exp(-dist2 / (2 * sigma**2))
+    bias[prefix:, prefix:] = torch.exp(-dist2 / (2 * sigma**2))
     return bias
 
 
-def neighbourhood_mask(grid: tuple[int, int], kernel: int, device=None) -> Tensor:
+def neighbourhood_mask(grid: tuple[int, int], kernel: int, device=None,
+                       prefix: int = 1) -> Tensor:
     """``(N, N)`` bool, True where a query may look: patch queries see only patch keys at
-    Chebyshev grid distance ≤ (k − 1)/2 (not the CLS key); the CLS row sees everything."""
+    Chebyshev grid distance ≤ (k − 1)/2 (not the ``prefix`` keys, the CLS); the prefix rows
+    see everything."""
     pos = grid_coords(grid, device)
     near = (pos[:, None, :] - pos[None, :, :]).abs().amax(-1) <= (kernel - 1) // 2
-    n = pos.shape[0] + 1
+    n = pos.shape[0] + prefix
     allowed = torch.ones(n, n, dtype=torch.bool, device=device)
-    allowed[1:, 0] = False
-    allowed[1:, 1:] = near
+    allowed[prefix:, :prefix] = False
+    allowed[prefix:, prefix:] = near
     return allowed
 
 
@@ -214,10 +219,11 @@ def score_term(x: AttentionInputs, term: str, temperature: float, sigma: float |
     q-k, q-q, k-k, v-v; the identity for ``id``; softmax(G_σ · c) for ``nonly``; a
     ``kernel`` keeps each patch query's softmax inside its k×k neighbourhood."""
     B, heads, N, _ = x.q.shape
+    prefix = N - x.grid[0] * x.grid[1]  # tokens before the grid: 1 (CLS), 0 on a MAP tower
     if term == "id":
         return torch.eye(N, dtype=x.q.dtype, device=x.q.device).expand(B, heads, N, N)
     if term == "nonly":
-        logits = gaussian_grid_bias(x.grid, sigma, x.q.device) * neighbourhood_scale(
+        logits = gaussian_grid_bias(x.grid, sigma, x.q.device, prefix) * neighbourhood_scale(
             x.q, x.k, temperature)
         return logits.expand(B, heads, N, N).softmax(-1).to(x.q.dtype)
     a, b = {"qk": (x.q, x.k), "qq": (x.q, x.q), "kk": (x.k, x.k), "vv": (x.v, x.v)}[term]
@@ -228,9 +234,10 @@ def score_term(x: AttentionInputs, term: str, temperature: float, sigma: float |
     scores = (a @ b.transpose(-2, -1)).float()
     scores = scores / temperature if temperature else scores
     if sigma is not None and temperature:
-        scores = scores + gaussian_grid_bias(x.grid, sigma, a.device)
+        scores = scores + gaussian_grid_bias(x.grid, sigma, a.device, prefix)
     if kernel is not None:
-        scores = scores.masked_fill(~neighbourhood_mask(x.grid, kernel, a.device), float("-inf"))
+        scores = scores.masked_fill(~neighbourhood_mask(x.grid, kernel, a.device, prefix),
+                                    float("-inf"))
         if temperature == 0:  # the hard max inside the neighbourhood
             return argmax_rows(scores, a.dtype)
     return scores.softmax(-1).to(a.dtype)

@@ -73,6 +73,7 @@ def gem_maps(x: AttentionInputs, depth: int = GEM_DEPTH, iterations: int = GEM_I
 
 @register_attention(
     "gem", output="tokens", residual=True, ffn=False, hidden=path_layers, maps=gem_maps,
+    requires=("blocks", "hidden"),
     pos_embed="bicubic_antialias",  # gem_utils.py L166-171 (docs/protocol.md §1)
     knobs=[Knob("depth", "int", GEM_DEPTH, "blocks on the GEM path (the last n; the "
                 "official gem_depth is n + 1)", low=1, high=TRUNK_DEPTH), *GEM_KNOBS])

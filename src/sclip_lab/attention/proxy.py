@@ -72,7 +72,7 @@ def proxy_maps(x: AttentionInputs, gamma: float = GAMMA, beta: float = BETA) -> 
 
 
 @register_attention("proxy", output="tokens", residual=False, ffn=False, proxy=True,
-                    maps=proxy_maps,
+                    maps=proxy_maps, requires=("cls", "blocks"),
                     knobs=[Knob("gamma", "float", GAMMA, "scale γ of the proxy scores",
                                 above=0),
                            Knob("beta", "float", BETA, "share β of the mean similarity "

@@ -296,7 +296,7 @@ def feedback(x: AttentionInputs, first_pass: Tensor, *, temp_thd: float, pamr_st
 
 
 @register_attention("resclip", residual=False, ffn=False, knobs=RCS_KNOBS + SFR_KNOBS,
-                    borrows=rcs_layers, prepare=check_resclip)
+                    borrows=rcs_layers, prepare=check_resclip, requires=("cls", "blocks"))
 def resclip(x: AttentionInputs, sigma: float = 5.0, lambda_rcs: float = RCS_LAMBDA,
             tau_rcs: float = RCS_TAU, rcs_start: int = RCS_LAYERS[0],
             rcs_end: int = RCS_LAYERS[1], rcs: bool = True, sfr: bool = True,

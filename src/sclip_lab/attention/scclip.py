@@ -249,7 +249,7 @@ def scclip_maps(x: AttentionInputs, **knobs) -> Tensor:
 
 @register_attention("scclip", output="tokens", residual=False, ffn=False,
                     knobs=SCCLIP_KNOBS, hidden=used_layers, prepare=check_scclip,
-                    maps=scclip_maps)
+                    maps=scclip_maps, requires=("cls", "blocks", "hidden"))
 def scclip(x: AttentionInputs, **knobs) -> Tensor:
     """SC-CLIP: LOF repair, mid-layer attention, pre/post aggregation, CLS add, 2nd pass."""
     y, _ = scclip_path(x, **knobs)
@@ -257,7 +257,7 @@ def scclip(x: AttentionInputs, **knobs) -> Tensor:
 
 
 @register_attention("scclip_attention", residual=False, ffn=False, knobs=SIM_KNOBS,
-                    hidden=used_layers)
+                    hidden=used_layers, requires=("cls", "hidden"))
 def scclip_attention(x: AttentionInputs, lof_k: int = LOF_K,
                      contamination: float = CONTAMINATION, lof_reach: str = "own",
                      pre_layer: int = PRE_LAYER, sim_scale: float = SIM_SCALE) -> Tensor:

@@ -147,7 +147,7 @@ def surgery_maps(x: AttentionInputs, depth: int = SURGERY_DEPTH,
 @register_attention(
     "surgery", output="tokens", residual=True, ffn=False, hidden=path_layers,
     pos_embed="bilinear",  # clip_surgery_model.py L339 (docs/protocol.md §1)
-    readout=feature_surgery_logits, maps=surgery_maps,
+    readout=feature_surgery_logits, maps=surgery_maps, requires=("cls", "blocks", "hidden"),
     knobs=[Knob("depth", "int", SURGERY_DEPTH, "blocks on the v-v path (the last n)",
                 low=1, high=TRUNK_DEPTH),
            Knob("feature_surgery", "bool", True, "reweight classes by the CLS prediction "

@@ -51,6 +51,7 @@ def cls_readout(feats: Tensor, queries: Tensor, cls_lambda: float = CLS_LAMBDA) 
 
 
 @register_attention("segearth_block", residual=False, ffn=False, readout=cls_readout,
+                    requires=("cls",),
                     knobs=[Knob("cls_lambda", "float", CLS_LAMBDA,
                                 "weight of the CLS logits added to each patch's (< 0 "
                                 "subtracts them)")])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from sclip_lab.tables.collect import (
     MIN_TRIALS,
     Table,
+    backbone_groups,
     build_table,
     field_value,
     flops_column,
@@ -45,7 +46,9 @@ from sclip_lab.tables.layout import (
 )
 from sclip_lab.tables.plot import figure_of, plot_table
 from sclip_lab.tables.render import (
+    BACKBONE,
     CSV_STATS,
+    backbone_csv_frame,
     console_frame,
     console_text,
     csv_frame,
@@ -53,16 +56,19 @@ from sclip_lab.tables.render import (
     latex_text,
     notes,
     to_latex,
+    write_backbones,
     write_table,
 )
 
 __all__ = [
-    "ABLATION_COLUMNS", "CSV_STATS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING", "PAPER",
+    "ABLATION_COLUMNS", "BACKBONE", "CSV_STATS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING",
+    "PAPER",
     "PAPER_SHORT_SIDE", "PARTIAL_MARK", "PRESETS", "REPRODUCED", "TABLE1_COLUMNS",
-    "TABLE_NUMBERS", "Row", "Table", "TableSpec", "build_table", "console_frame",
+    "TABLE_NUMBERS", "Row", "Table", "TableSpec", "backbone_csv_frame", "backbone_groups",
+    "build_table", "console_frame",
     "console_text", "csv_frame", "display_frame", "field_value", "figure_of", "flops_column",
     "latex_text", "load_local_records", "load_wandb_records", "matches", "method_label",
     "named_tables", "notes", "pick_records", "plot_table", "preprocess_modes",
     "preprocess_of", "select_model", "table_id", "table_ids", "table_spec", "to_latex",
-    "uncovered_variants", "vit_for", "write_table",
+    "uncovered_variants", "vit_for", "write_backbones", "write_table",
 ]

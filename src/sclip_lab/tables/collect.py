@@ -37,6 +37,7 @@ from sclip_lab.tables.layout import (
     Row,
     TableSpec,
     preprocess_modes,
+    projection_combine,
     table_spec,
 )
 from sclip_lab.tables.paper import TABLE4_FLOPS
@@ -126,6 +127,16 @@ def select_model(records: Sequence[Mapping[str, Any]], model: str | None = None,
     return kept, model
 
 
+def backbone_groups(records: Sequence[Mapping[str, Any]]
+                    ) -> list[tuple[str, list[Mapping[str, Any]]]]:
+    """The records split by backbone, ``[("<model>/<pretrained>", records), …]``, the most
+    common backbone first (ties: first seen), each group in the records' order."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(f"{r.get('model')}/{r.get('pretrained')}", []).append(r)
+    return sorted(groups.items(), key=lambda item: -len(item[1]))
+
+
 # -------------------------------------------------------------------------- cell matching
 
 
@@ -142,7 +153,10 @@ def field_value(summary: Mapping[str, Any], name: str) -> Any:
         return "sclip"
     if summary.get("attention") not in ATTENTIONS:
         return None
-    return default_fields(summary["attention"], summary.get("projection")).get(name)
+    projection = summary.get("projection")  # its set's own combine (conf/projection/)
+    section = {"name": projection, "combine": projection_combine(projection)} \
+        if projection else None
+    return default_fields(summary["attention"], section).get(name)
 
 
 def _same(a: Any, b: Any) -> bool:

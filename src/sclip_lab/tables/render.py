@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from sclip_lab.tables.collect import Table
+from sclip_lab.tables.collect import Table, backbone_groups, build_table
 from sclip_lab.tables.layout import AVG, MISSING, PAPER, PARTIAL_MARK, REPRODUCED, Row
 from sclip_lab.tables.plot import plot_table
 
@@ -81,6 +82,33 @@ def csv_frame(table: Table) -> pd.DataFrame:
     frame = pd.DataFrame(columns).reindex(keys).round(CSV_DECIMALS)
     frame.index = pd.Index([r.label for r in table.spec.rows], name=table.spec.index_name)
     return frame
+
+
+BACKBONE = "Backbone"
+
+
+def backbone_csv_frame(tables: Sequence[tuple[str, Table]]) -> pd.DataFrame:
+    """One CSV frame of several backbones' tables: each table's :func:`csv_frame` rows with
+    a ``Backbone`` column (``<model>/<pretrained>``) first, backbones in the given order."""
+    frames = [csv_frame(table) for _, table in tables]
+    for (name, _), frame in zip(tables, frames, strict=True):
+        frame.insert(0, BACKBONE, name)
+    return pd.concat(frames)
+
+
+def write_backbones(number: int | str, records: Sequence[Mapping[str, Any]], out: Path,
+                    preset: str = "sclip") -> Path | None:
+    """``<stem>-backbones.csv`` under ``out``: table ``number`` once per backbone found in
+    ``records`` (records of every model), with a ``Backbone`` column; None (nothing
+    written) when the records hold fewer than two backbones. The paper columns are the
+    published values of each method's own backbone, repeated on every backbone's rows."""
+    groups = backbone_groups(records)
+    if len(groups) < 2:
+        return None
+    tables = [(name, build_table(number, group, preset=preset)) for name, group in groups]
+    path = out / f"{tables[0][1].spec.stem}-backbones.csv"
+    backbone_csv_frame(tables).to_csv(path, encoding="utf-8")
+    return path
 
 
 # ------------------------------------------------------------------ console and LaTeX

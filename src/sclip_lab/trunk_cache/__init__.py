@@ -155,6 +155,7 @@ class TrunkCache:
     trunk_dtype: torch.dtype  # what the encoder computes (loaded values are cast back)
     width: int  # D
     patch: int
+    prefix: int = 1  # tokens before the grid: the CLS (0 on a MAP tower: timm_tower.py)
     hits: int = 0
     misses: int = 0
     stopped: str = ""  # why this run stores no more entries (a full disk); "" while it does
@@ -169,7 +170,7 @@ class TrunkCache:
         grids = [(h // self.patch, w // self.patch) for (h, w), _ in layout]
         try:
             return read_entry(path, layout, grids, early, hidden, self.dtype, self.width,
-                              named)
+                              named, self.prefix)
         except ValueError as e:
             log.warning("trunk cache: recomputing the broken entry %s (%s)", path, e)
             return None, set(), set(), set()
@@ -267,7 +268,7 @@ def open_cache(root: str | Path, dtype: str, encoder: Any, info: Mapping[str, An
     stored = storage_dtype(dtype, encoder.dtype)
     parts = model_parts(info, encoder.visual, prep, stored)
     cache = TrunkCache(root / folder_name(parts), stored, encoder.dtype,
-                       int(encoder.visual.transformer.width), int(encoder.patch))
+                       int(encoder.width), int(encoder.patch), int(encoder.prefix))
     try:
         prepare_folder(root, cache.folder, parts)
     except OSError as e:

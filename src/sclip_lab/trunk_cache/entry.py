@@ -68,7 +68,7 @@ def fits(t: Tensor, shape: tuple, dtype: torch.dtype) -> bool:
 
 def read_entry(path: Path, layout: Layout, grids: Sequence[tuple[int, int]],
                early: Sequence[int], hidden: Sequence[int], dtype: torch.dtype,
-               width: int, named: Sequence[str] = ()
+               width: int, named: Sequence[str] = (), prefix: int = 1
                ) -> tuple[list[TrunkOutput] | None, set[int], set[int], set[str]]:
     """One entry -> (per window-size group a TrunkOutput without ``images``, or None when
     a requested layer or feature is missing; the early and hidden layers and the named
@@ -102,7 +102,7 @@ def read_entry(path: Path, layout: Layout, grids: Sequence[tuple[int, int]],
 
             out = []
             for g, ((_, boxes), grid) in enumerate(zip(layout, grids)):
-                n, tokens = len(boxes), 1 + grid[0] * grid[1]
+                n, tokens = len(boxes), prefix + grid[0] * grid[1]  # prefix: the CLS
                 out.append(TrunkOutput(
                     get(f"{g}.x", (n, tokens, width)), grid,
                     {k: get(f"{g}.early.{k}", (n, None, tokens, tokens)) for k in early},
