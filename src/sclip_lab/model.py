@@ -263,19 +263,9 @@ class DenseEncoder(nn.Module):
         and the stream after each of ``hidden_layers`` (0: the embedding after ln_pre), then
         the named ``features`` of their providers (``sclip_lab.features``)."""
         x, grid = self.embed(images, pos_embed)
-        early, hidden = {}, {}
-        if 0 in hidden_layers:
-            hidden[0] = x
-        for i, block in enumerate(self.visual.transformer.resblocks[:-1], start=1):
-            if i in early_layers:
-                q, k, _ = attention_qkv(block, block.ln_1(x))
-                early[i] = softmax_attention(q, k)
-            x = block(x)
-            if i in hidden_layers:
-                hidden[i] = x
-        out = TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
-        out.named.update(compute(features, context(out, self)))
-        return out
+        return run_blocks(self, images, x, grid, self.visual.transformer.resblocks,
+                          lambda block, x: attention_qkv(block, block.ln_1(x)), early_layers,
+                          hidden_layers, pos_embed, features)
 
     def head(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, h·w, E)`` L2-normalised patch features (CLS dropped) after ``last``'s block."""
@@ -355,6 +345,30 @@ class DenseEncoder(nn.Module):
         """``(B, E)`` CLS output, the quantity open_clip's ``encode_image`` returns."""
         tokens = self.last_block(self.trunk_for(images, last), last)
         return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
+
+
+def run_blocks(encoder: Any, images: Tensor, x: Tensor, grid: tuple[int, int],
+               blocks: Sequence[nn.Module], qkv: Any, early_layers: Sequence[int],
+               hidden_layers: Sequence[int], pos_embed: str, features: Sequence[str],
+               call: Any = None) -> TrunkOutput:
+    """Blocks 1…D−1 of any tower on its embedded tokens ``x`` ``(B, N, D)``: the vanilla
+    maps of ``early_layers`` (``qkv(block, x) -> q, k, v`` per head of the block's attention
+    input), the stream after ``hidden_layers`` (0: ``x`` itself), then the named
+    ``features`` of their providers. ``call(block, x)`` runs a block (default ``block(x)``;
+    EVA passes its rotary table)."""
+    early, hidden = {}, {}
+    if 0 in hidden_layers:
+        hidden[0] = x
+    for i, block in enumerate(blocks[:-1], start=1):
+        if i in early_layers:
+            q, k, _ = qkv(block, x)
+            early[i] = softmax_attention(q, k)
+        x = block(x) if call is None else call(block, x)
+        if i in hidden_layers:
+            hidden[i] = x
+    out = TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
+    out.named.update(compute(features, context(out, encoder)))
+    return out
 
 
 def patch_logits(feats: Tensor, queries: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -27,9 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sclip_lab.attention import AttentionInputs, merge_heads, softmax_attention, split_heads
-from sclip_lab.features import TrunkOutput, compute, context
+from sclip_lab.features import TrunkOutput
 from sclip_lab.knobs import call_with
-from sclip_lab.model import CLIP_PROVIDES, DenseEncoder, LastBlock, ModelError, patch_logits
+from sclip_lab.model import (
+    CLIP_PROVIDES,
+    DenseEncoder,
+    LastBlock,
+    ModelError,
+    patch_logits,
+    run_blocks,
+)
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, interpolate_pos_embed
 
 # What a MAP tower without a CLS hands a method: per-head q/k/v of its last block, the
@@ -158,19 +165,9 @@ class TimmDenseEncoder(DenseEncoder):
         """Blocks 1…depth−1, as ``DenseEncoder.trunk`` (early maps of τ = 8, hidden states,
         named features)."""
         x, grid = self.embed(images, pos_embed)
-        early, hidden = {}, {}
-        if 0 in hidden_layers:
-            hidden[0] = x
-        for i, block in enumerate(self.vit.blocks[:-1], start=1):
-            if i in early_layers:
-                q, k, _ = timm_qkv(block, block.norm1(x))
-                early[i] = softmax_attention(q, k)
-            x = block(x)
-            if i in hidden_layers:
-                hidden[i] = x
-        out = TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
-        out.named.update(compute(features, context(out, self)))
-        return out
+        return run_blocks(self, images, x, grid, self.vit.blocks,
+                          lambda block, x: timm_qkv(block, block.norm1(x)), early_layers,
+                          hidden_layers, pos_embed, features)
 
     def features(self, tokens: Tensor) -> Tensor:
         """``(B, N, D)`` block output -> ``(B, N, E)`` unit features: the final ``norm``,
@@ -344,19 +341,10 @@ class EvaDenseEncoder(TimmDenseEncoder):
               features: Sequence[str] = ()) -> TrunkOutput:
         x, grid = self.embed(images, pos_embed)
         rope = self.rope(grid)
-        early, hidden = {}, {}
-        if 0 in hidden_layers:
-            hidden[0] = x
-        for i, block in enumerate(self.vit.blocks[:-1], start=1):
-            if i in early_layers:
-                q, k, _ = self.qkv_of(block, block.norm1(x), grid)
-                early[i] = softmax_attention(q, k)
-            x = block(x, rope=rope)
-            if i in hidden_layers:
-                hidden[i] = x
-        out = TrunkOutput(x, grid, early, hidden, images, pos_embed=pos_embed)
-        out.named.update(compute(features, context(out, self)))
-        return out
+        return run_blocks(self, images, x, grid, self.vit.blocks,
+                          lambda block, x: self.qkv_of(block, block.norm1(x), grid),
+                          early_layers, hidden_layers, pos_embed, features,
+                          call=lambda block, x: block(x, rope=rope))
 
     def around(self, block: nn.Module, x: Tensor, o: Tensor, residual: bool, ffn: bool,
                alpha: float) -> Tensor:
