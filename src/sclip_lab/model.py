@@ -281,25 +281,10 @@ class DenseEncoder(nn.Module):
         in_proj biases, the grid, borrowed maps (the last block's own vanilla map too),
         hidden states, the blocks, its named features, and for two-pass methods the text
         queries, the segmenter's logit scale, the windows' pixels and the readout."""
-        if trunk.pos_embed != last.pos_embed:  # a bug of the caller, never a user's input
-            raise ValueError(f"a head of pos_embed={last.pos_embed} was given a trunk embedded "
-                             f"by {trunk.pos_embed}; run the trunk with its rule")
-        if missing := [n for n in last.features if n not in trunk.named]:  # a caller's bug too
-            raise ValueError(f"a head reading the features {missing} was given a trunk "
-                             "without them; run the trunk with them (trunk_for, encode_heads)")
         block = self.visual.transformer.resblocks[-1]
         z = block.ln_1(trunk.x)
-        q, k, v = attention_qkv(block, z)
-        early = dict(trunk.early)
-        if self.depth in last.early_layers:
-            early[self.depth] = softmax_attention(q, k)
-        block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn,
-                       "alpha": last.alpha}
-        return AttentionInputs(
-            z=z, q=q, k=k, v=v, grid=trunk.grid, early=early, x=trunk.x, hidden=trunk.hidden,
-            blocks=self.visual.transformer.resblocks, block=block_knobs, queries=queries,
-            images=trunk.images, features=self.features, proxy=trunk.proxy.get(last.proxy),
-            logit_scale=logit_scale, named={n: trunk.named[n] for n in last.features})
+        return head_inputs(self, trunk, last, z, attention_qkv(block, z),
+                           self.visual.transformer.resblocks, queries, logit_scale)
 
     def last_attention(self, trunk: TrunkOutput, last: LastBlock) -> Tensor:
         """``(B, heads, N, N)``: the last block's attention map under ``last``."""
@@ -345,6 +330,30 @@ class DenseEncoder(nn.Module):
         """``(B, E)`` CLS output, the quantity open_clip's ``encode_image`` returns."""
         tokens = self.last_block(self.trunk_for(images, last), last)
         return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
+
+
+def head_inputs(encoder: Any, trunk: TrunkOutput, last: LastBlock, z: Tensor,
+                qkv: tuple[Tensor, Tensor, Tensor], blocks: Sequence[nn.Module],
+                queries: Tensor | None, logit_scale: float | None) -> AttentionInputs:
+    """``AttentionInputs`` of any tower's last block from its LN1 output ``z`` and per-head
+    ``qkv``: the trunk's maps, states and named features, the last block's own vanilla map
+    where ``last`` borrows it, the block knobs."""
+    if trunk.pos_embed != last.pos_embed:  # a bug of the caller, never a user's input
+        raise ValueError(f"a head of pos_embed={last.pos_embed} was given a trunk embedded "
+                         f"by {trunk.pos_embed}; run the trunk with its rule")
+    if missing := [n for n in last.features if n not in trunk.named]:  # a caller's bug too
+        raise ValueError(f"a head reading the features {missing} was given a trunk "
+                         "without them; run the trunk with them (trunk_for, encode_heads)")
+    q, k, v = qkv
+    early = dict(trunk.early)
+    if encoder.depth in last.early_layers:
+        early[encoder.depth] = softmax_attention(q, k)
+    block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn, "alpha": last.alpha}
+    return AttentionInputs(
+        z=z, q=q, k=k, v=v, grid=trunk.grid, early=early, x=trunk.x, hidden=trunk.hidden,
+        blocks=blocks, block=block_knobs, queries=queries, images=trunk.images,
+        features=encoder.features, proxy=trunk.proxy.get(last.proxy), logit_scale=logit_scale,
+        named={n: trunk.named[n] for n in last.features})
 
 
 def run_blocks(encoder: Any, images: Tensor, x: Tensor, grid: tuple[int, int],

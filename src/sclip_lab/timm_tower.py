@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclip_lab.attention import AttentionInputs, merge_heads, softmax_attention, split_heads
+from sclip_lab.attention import AttentionInputs, merge_heads, split_heads
 from sclip_lab.features import TrunkOutput
 from sclip_lab.knobs import call_with
 from sclip_lab.model import (
@@ -34,6 +34,7 @@ from sclip_lab.model import (
     DenseEncoder,
     LastBlock,
     ModelError,
+    head_inputs,
     patch_logits,
     run_blocks,
 )
@@ -190,25 +191,10 @@ class TimmDenseEncoder(DenseEncoder):
                     logit_scale: float | None = None) -> AttentionInputs:
         """As ``DenseEncoder.last_inputs``, on the timm block (norm1, fused qkv, q/k norms);
         ``blocks`` is empty: multi-block paths are open_clip-only (``provides``)."""
-        if trunk.pos_embed != last.pos_embed:
-            raise ValueError(f"a head of pos_embed={last.pos_embed} was given a trunk embedded "
-                             f"by {trunk.pos_embed}; run the trunk with its rule")
-        if missing := [n for n in last.features if n not in trunk.named]:
-            raise ValueError(f"a head reading the features {missing} was given a trunk "
-                             "without them; run the trunk with them (trunk_for, encode_heads)")
         block = self.vit.blocks[-1]
         z = block.norm1(trunk.x)
-        q, k, v = self.qkv_of(block, z, trunk.grid)
-        early = dict(trunk.early)
-        if self.depth in last.early_layers:
-            early[self.depth] = softmax_attention(q, k)
-        block_knobs = {"residual": last.keeps_residual, "ffn": last.keeps_ffn,
-                       "alpha": last.alpha}
-        return AttentionInputs(
-            z=z, q=q, k=k, v=v, grid=trunk.grid, early=early, x=trunk.x, hidden=trunk.hidden,
-            blocks=(), block=block_knobs, queries=queries, images=trunk.images,
-            features=self.features, proxy=trunk.proxy.get(last.proxy),
-            logit_scale=logit_scale, named={n: trunk.named[n] for n in last.features})
+        return head_inputs(self, trunk, last, z, self.qkv_of(block, z, trunk.grid), (),
+                           queries, logit_scale)
 
     def last_block(self, trunk: TrunkOutput, last: LastBlock, queries: Tensor | None = None,
                    logit_scale: float | None = None) -> Tensor:
