@@ -94,8 +94,12 @@ def brief(error: BaseException, limit: int = 100) -> str:
     cut to ``limit`` characters (the whole text is for ``--verbose``)."""
     text = message_of(error)
     first = re.split(r"(?<=[.;:])\s", text, maxsplit=1)[0].rstrip(".;:")
-    first = first if len(first) <= limit else first[:limit - 1].rstrip() + "…"
-    return f"{type(error).__name__}: {first}"
+    return f"{type(error).__name__}: {clip(first, limit)}"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "…" where it was cut."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 class ConfigError(UserError, ValueError):

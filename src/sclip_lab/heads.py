@@ -4,7 +4,7 @@ go straight from config sections, through ``head_spec``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,18 @@ def build_head(attention: Mapping[str, Any], projection: Mapping[str, Any] | Non
     """``head_of(head_spec(...))``: a head straight from config sections."""
     return head_of(head_spec(attention, projection, postprocess, proxy, depth=encoder.depth),
                    encoder, learned)
+
+
+def trunk_needs(lasts: Iterable[LastBlock], depth: int
+                ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[str, ...]]:
+    """What one trunk pass must keep for all of ``lasts`` on a ``depth``-block tower, each
+    once: the borrowed maps of blocks before the last (the last block's own is computed
+    with the head), the hidden states, the named features."""
+    lasts = list(lasts)
+    early = sorted({i for last in lasts for i in last.early_layers if i < depth})
+    hidden = sorted({i for last in lasts for i in last.hidden_layers})
+    names = sorted({n for last in lasts for n in last.features})
+    return tuple(early), tuple(hidden), tuple(names)
 
 
 __all__ = ["Head", "build_head", "build_last_block", "check_backbone", "head_of",

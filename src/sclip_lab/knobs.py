@@ -163,11 +163,6 @@ TRUNK_KNOBS = (
 TRUNK_NAMES = tuple(k.name for k in TRUNK_KNOBS)
 
 
-def bind_trunk(section: Mapping[str, Any]) -> dict[str, Any]:
-    """The trunk knobs of an attention section, checked (null or absent = the default)."""
-    return {k.name: k.bind(section.get(k.name), "attention") for k in TRUNK_KNOBS}
-
-
 @dataclass(frozen=True)
 class BindContext:
     """What a variant's ``prepare`` hook may read beyond its own knobs."""
@@ -278,7 +273,8 @@ class Variant:
                 knobs[k.name] = k.bind(given[keys[0]] if keys else None, "attention", depth,
                                        keys[0] if keys else "")
             block = {k.name: k.bind(given.get(k.name), "attention") for k in BLOCK_KNOBS}
-            bind_trunk(given)  # checked here too: build_last_block reads it
+            for k in TRUNK_KNOBS:  # checked here; null is the variant's own (head_spec)
+                k.bind(given.get(k.name), "attention")
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         defaults = self.block_defaults()

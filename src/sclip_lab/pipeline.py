@@ -19,7 +19,7 @@ from sclip_lab import segment
 from sclip_lab.errors import ConfigError, UserError, integer
 from sclip_lab.features import add_features
 from sclip_lab.head_spec import HeadSpec, head_spec
-from sclip_lab.heads import Head, build_head, build_last_block, head_of
+from sclip_lab.heads import Head, build_head, build_last_block, head_of, trunk_needs
 from sclip_lab.images import ImageLike, as_rgb, is_many
 from sclip_lab.model import DenseEncoder, TrunkOutput, clip_from_section
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED
@@ -72,16 +72,15 @@ class Segmenter:
 
     def early_layers(self, heads: Sequence[Head]) -> tuple[int, ...]:
         """Trunk blocks whose attention maps some head borrows (the last block's is free)."""
-        return tuple(sorted({i for h in heads for i in h.last.early_layers
-                             if i < self.encoder.depth}))
+        return trunk_needs([h.last for h in heads], self.encoder.depth)[0]
 
     def hidden_layers(self, heads: Sequence[Head]) -> tuple[int, ...]:
         """Trunk hidden states some head reads (multi-block paths, mid-layer features)."""
-        return tuple(sorted({i for h in heads for i in h.last.hidden_layers}))
+        return trunk_needs([h.last for h in heads], self.encoder.depth)[1]
 
     def feature_names(self, heads: Sequence[Head]) -> tuple[str, ...]:
         """Named trunk features some head reads (``sclip_lab.features``), each once."""
-        return tuple(sorted({n for h in heads for n in h.last.features}))
+        return trunk_needs([h.last for h in heads], self.encoder.depth)[2]
 
     def head_trunks(self, images: Sequence[Tensor], heads: Sequence[Head]
                     ) -> Iterator[tuple[Head, list[WindowGroup]]]:

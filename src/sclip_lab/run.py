@@ -36,6 +36,7 @@ from sclip_lab.errors import (
     PartialFailure,
     UserError,
     check_writable_dir,
+    clip,
     integer,
     message_of,
 )
@@ -138,10 +139,7 @@ def refuse_broken(jobs: Sequence[Job]) -> list[Job]:
 
 def failed_list(jobs: Sequence[Job]) -> str:
     """``[label] why, …`` of the failed jobs, for one line."""
-    def clip(text: str, limit: int = 140) -> str:
-        return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
-
-    return ", ".join(f"[{j.label}] {clip(message_of(j.error))}" for j in jobs if j.error)
+    return ", ".join(f"[{j.label}] {clip(message_of(j.error), 140)}" for j in jobs if j.error)
 
 
 def evaluate(jobs: Sequence[Job]) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from sclip_lab.build import (
 from sclip_lab.cli import hydra_entry
 from sclip_lab.errors import ConfigError, check_writable_dir, integer
 from sclip_lab.head_spec import head_spec_of
+from sclip_lab.heads import trunk_needs
 from sclip_lab.model import DenseEncoder, LastBlock
 from sclip_lab.proxy import window_features
 
@@ -152,10 +153,8 @@ def attention_maps(encoder: DenseEncoder, resized: Tensor,
     out = {}
     for rule in dict.fromkeys(last.pos_embed for last in lasts.values()):  # one trunk each
         group = {label: last for label, last in lasts.items() if last.pos_embed == rule}
-        borrowed = {i for last in group.values() for i in last.early_layers
-                    if i < encoder.depth}
-        hidden = {i for last in group.values() for i in last.hidden_layers}
-        trunk = encoder.trunk(image, sorted(borrowed), sorted(hidden), rule)
+        early, hidden, named = trunk_needs(group.values(), encoder.depth)
+        trunk = encoder.trunk(image, early, hidden, rule, named)
         for label, last in group.items():
             grid = trunk.grid
             if last.proxy is not None:
