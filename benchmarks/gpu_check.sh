@@ -4,7 +4,8 @@
 # (1) fp16 / bf16 vs fp32: images/s, peak memory, predicted pixels as fp32;
 # (2) a VOC21-val-sized run (1449 synthetic VOC-sized images) end to end with the DataLoader
 #     (target: under 30 s of evaluation on one H200);
-# (3) the evaluation-path benchmark at fp16 (windows batched vs a batch-1 loop).
+# (3) the evaluation-path benchmark at fp16 (windows batched vs a batch-1 loop);
+# (4) the encoder cost per window of every backbone preset at fp16 (bench_backbones.py).
 # Numbers go to stdout and OUT_DIR/bench_gpu.json; paste them into the README's
 # performance section with the GPU's name.
 set -euo pipefail
@@ -21,3 +22,5 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 python benchmarks/bench_gpu.py --device cuda --images 1449 --out "$OUT" 2>&1 | tee "$OUT/bench_gpu.txt"
 python benchmarks/bench_eval.py --device cuda --precision fp16 --images 16 2>&1 \
   | tee "$OUT/bench_eval_fp16.txt"
+python benchmarks/bench_backbones.py --device cuda --precision fp16 --windows 16 --out "$OUT" 2>&1 \
+  | tee "$OUT/bench_backbones.txt"

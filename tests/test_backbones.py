@@ -264,3 +264,40 @@ def test_patch14_windows_stitch_to_the_full_image(family_checkpoints):
     image = (np.random.default_rng(0).random((70, 110, 3)) * 255).astype(np.uint8)
     labels = seg.segment(image)
     assert labels.shape == (70, 110) and set(np.unique(labels)) <= {0, 1, 2}
+
+
+@pytest.mark.e2e
+def test_each_presets_signature_is_its_built_models_and_names_it():
+    """What ``looks_like`` matches a weights file against (derived from open_clip's config)
+    equals what the built tower's own state dict shows, for every preset; the meta device
+    builds each without memory."""
+    seen = {}
+    for name, (arch, _) in backbones.presets().items():
+        seen.setdefault(arch, []).append(name)
+    for arch, names in seen.items():
+        state = open_clip.create_model(arch, device="meta").state_dict()
+        got, want = backbones.weights_signature(state), backbones.config_signature(arch)
+        assert {k: v for k, v in want.items() if v is not None} == {
+            k: got[k] for k, v in want.items() if v is not None}, arch
+        words, fits = backbones.looks_like(state)
+        assert set(names) <= set(fits), (arch, fits)
+    words, fits = backbones.looks_like(
+        open_clip.create_model("ViT-B-16-SigLIP2-256", device="meta").state_dict())
+    assert (words, fits) == ("a SigLIP 2 B/16 tower at 256 px", ["siglip2_b16_256"])
+
+
+def test_looks_like_reads_a_few_tensors_of_a_file():
+    """The signature needs only the patch embedding, position table, block indices and
+    text side: a file of those alone is recognised (and nothing else is read)."""
+    state = {"visual.trunk.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+             "visual.trunk.pos_embed": torch.zeros(1, 576, 768),
+             "text.positional_embedding": torch.zeros(64, 768),
+             "text.token_embedding.weight": torch.zeros(256000, 1),
+             "logit_bias": torch.zeros(())}
+    state.update({f"visual.trunk.blocks.{i}.norm1.weight": torch.zeros(1) for i in range(12)})
+    assert backbones.looks_like(state) == ("a SigLIP 2 B/16 tower at 384 px",
+                                           ["siglip2_b16_384"])
+    state["visual.trunk.pos_embed"] = torch.zeros(1, 100, 768)
+    assert backbones.looks_like(state) == (
+        "a SigLIP-style timm tower of width 768, 12 blocks, 16-pixel patches at 160 px", [])
+    assert backbones.looks_like({"fc.weight": torch.zeros(2)}) == ("no CLIP image tower", [])

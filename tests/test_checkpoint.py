@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
 from sclip_lab.checkpoint import load_state, mismatches
@@ -62,13 +63,30 @@ def test_assign_takes_the_files_tensors_into_a_meta_model():
     assert model.weight.device.type == "cpu" and model.weight.dtype == torch.float16
 
 
-def test_clip_reports_through_it_within_one_line(tiny_checkpoint):
-    """CLIP's wrong-architecture error is the loader's: the count of both kinds, the fix at
-    the end, every key behind --verbose (detail)."""
+def test_clip_of_another_tower_is_named_within_one_line(tiny_checkpoint):
+    """A file of another architecture is named by what it is, before any tensor is
+    compared (backbones.looks_like)."""
     with pytest.raises(ModelError) as e:
         load_clip("ViT-B-32-quickgelu", str(tiny_checkpoint), "fp32", "cpu")
+    assert str(e.value) == (
+        f"{tiny_checkpoint} does not fit model.arch=ViT-B-32-quickgelu: it looks like an "
+        "open_clip ViT tower of width 128, 4 blocks, 16-pixel patches at 224 px; set model.arch "
+        "(and model.config_file) to its architecture")
+    assert len(str(e.value)) - len(str(tiny_checkpoint)) <= MAX_LINE
+
+
+def test_clip_reports_through_it_within_one_line(tiny_checkpoint, tmp_path):
+    """A file of the right tower with tensors that do not fit: the loader's line, the count
+    of both kinds, the fix at the end, every key behind --verbose (detail)."""
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state = {k: v for k, v in state.items() if not k.endswith("ln_post.bias")}
+    state["visual.proj"] = state["visual.proj"][:, :3]
+    path = tmp_path / "damaged.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelError) as e:
+        load_clip(TINY, str(path), "fp32", "cpu")
     text = str(e.value)
-    assert text.endswith("; set model.arch to the checkpoint's architecture")
-    assert "does not fit model.arch=ViT-B-32-quickgelu" in text and "missing keys" in text
-    assert len(text) - len(str(tiny_checkpoint)) <= MAX_LINE
+    assert text == (f"{path} does not fit model.arch={TINY}: 1 shape mismatches "
+                    "(e.g. visual.proj), 1 missing keys (e.g. visual.ln_post.bias); set "
+                    "model.arch to the checkpoint's architecture")
     assert e.value.detail.startswith("shape mismatches: [")

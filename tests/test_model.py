@@ -100,8 +100,14 @@ def test_torchscript_archive_is_openai_format(tiny_config_file, tmp_path):
 def test_non_clip_checkpoint_is_refused(tmp_path, tiny_config_file):
     path = tmp_path / "resnet.pt"
     torch.save({"conv1.weight": torch.zeros(3)}, path)
-    with pytest.raises(ModelError, match="not a CLIP ViT checkpoint"):
+    with pytest.raises(ModelError, match=r"not a CLIP checkpoint \(no visual.conv1 or "
+                       r"visual.trunk keys\); pass an open_clip or OpenAI CLIP weights file"):
         load_clip(TINY, str(path), "fp32", "cpu")
+    tower = tmp_path / "timm_tower.pt"  # timm's model.safetensors of an image tower alone
+    torch.save({"patch_embed.proj.weight": torch.zeros(8, 3, 16, 16)}, tower)
+    with pytest.raises(ModelError, match=r"an image tower alone, no text tower\); .*"
+                       r"open_clip_model.safetensors"):
+        load_clip(TINY, str(tower), "fp32", "cpu")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ModelError, match="not a readable checkpoint"):

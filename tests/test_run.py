@@ -172,7 +172,7 @@ def test_bad_checkpoint_fails_cleanly_on_the_cli(tiny, tmp_path):
     out = tmp_path / "run"
     proc = cli("run", *tiny, f"data_root={root}", f"model.pretrained={bad}", "logger=none",
                f"hydra.run.dir={out}")
-    assert proc.returncode == 2 and "not a CLIP ViT checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "not a CLIP checkpoint" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (out / "result.json").exists()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sclip_lab import segment
+from sclip_lab import refine, segment
 
 
 @pytest.mark.parametrize("hw,short,expect", [
@@ -114,6 +114,40 @@ def test_predict_classes_matches_class_level_definition(prob, area):
     logits[:, :5, :5] = 0.3  # exact ties everywhere in a corner
     p = pp(owner, 6, scale=40, prob=prob, area=area)
     assert torch.equal(segment.predict_classes(logits, p), reference_predict(logits, p))
+
+
+@pytest.mark.parametrize("prob,area", [(0.0, None), (0.1, 0.1), (0.3, 0.2), (0.0, 0.05)])
+def test_a_sigmoid_head_follows_the_same_definition_on_its_probabilities(prob, area):
+    """text.scores=sigmoid: §5.9–12 on sigmoid(scale·logit + bias) per query, written out
+    independently here (no segment.query_probabilities)."""
+    torch.manual_seed(2)
+    owner = [0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 4, 5]
+    logits = torch.randn(len(owner), 40, 50) * 0.1
+    logits[4, :10] += 0.2
+    p = segment.PostProcess(torch.tensor(owner), 6, 40.0, prob, area, sigmoid=(20.0, -1.0))
+    probs = segment.synonym_max(torch.sigmoid(logits * 20.0 - 1.0), p.query_class, 6)
+    if area is not None:
+        areas = torch.bincount(probs.argmax(0).flatten(), minlength=6)
+        small = areas <= area * areas[1:].sum()
+        small[0] = False
+        probs[small] = 0
+    conf, want = probs.max(0)
+    if prob > 0:
+        want[conf < prob] = 0
+    assert torch.equal(segment.predict_classes(logits, p), want)
+
+
+def test_a_saturated_sigmoid_ties_to_the_lowest_query_where_logits_differ():
+    """sigmoid(60) and sigmoid(80) are both 1.0 in fp32: the class map is the argmax of the
+    probabilities as computed (query 0), not of the logits (query 1)."""
+    logits = torch.tensor([[[3.0]], [[4.0]]])
+    p = segment.PostProcess(torch.arange(2), 2, 40.0, sigmoid=(20.0, 0.0))
+    assert segment.predict_classes(logits, p).item() == 0
+    assert segment.predict_classes(logits, segment.PostProcess(torch.arange(2), 2, 40.0)
+                                   ).item() == 1
+    # an absolute threshold: every query unlikely -> background, though one is the largest
+    p = segment.PostProcess(torch.arange(3), 3, 40.0, 0.5, sigmoid=(10.0, -10.0))
+    assert segment.predict_classes(torch.tensor([[[0.1]], [[0.5]], [[0.2]]]), p).item() == 0
 
 
 def test_ties_go_to_lowest_index():
@@ -258,12 +292,12 @@ def test_pamr_matches_transcription():
     torch.manual_seed(0)
     img = torch.randn(3, 23, 31)
     logits = torch.randn(4, 23, 31)
-    ours = segment.pamr(img, logits, steps=3, dilations=(1, 2))
+    ours = refine.pamr(img, logits, steps=3, dilations=(1, 2))
     ref = reference_pamr(img[None], logits[None], 3, (1, 2))[0]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     # a constant map is a fixed point (weights sum to one)
     const = torch.ones(2, 23, 31)
-    torch.testing.assert_close(segment.pamr(img, const, 5, (8, 16)), const)
+    torch.testing.assert_close(refine.pamr(img, const, 5, (8, 16)), const)
 
 
 # ------------------------------------------------- row-block stitching (predict at any size)

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from towers import TinyTokenizer
 
-from sclip_lab import text, text_tower
+from sclip_lab import segment, text, text_tower
 from sclip_lab.errors import ConfigError
 
 VISION = {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32}
@@ -36,24 +37,6 @@ CONFIGS = {
                        "layers": 2}},
 }
 NAMES = ["cat", "person in jacket", "sky", "cat", "a very long name of a thing"]
-
-
-class TinyTokenizer:
-    """Deterministic stand-in for the hub's SigLIP tokenizer: same call signature as
-    open_clip's ``HFTokenizer`` (``list[str]`` -> ``(B, context_length)`` long, 0-padded)."""
-
-    name = "test/tiny-sentencepiece"
-
-    def __init__(self, context_length: int = 16, vocab: int = 100):
-        self.context_length, self.vocab = context_length, vocab
-
-    def __call__(self, texts, context_length=None):
-        n = context_length or self.context_length
-        out = torch.zeros(len(texts), n, dtype=torch.long)
-        for i, t in enumerate(texts):
-            ids = [sum(map(ord, w)) % (self.vocab - 1) + 1 for w in t.split()][:n]
-            out[i, :len(ids)] = torch.tensor(ids)
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +155,9 @@ def test_sigmoid_scores_use_the_models_scale_and_bias(families, tiny_model):
     assert head.scale == pytest.approx(float(siglip.logit_scale.detach().exp()))
     assert head.bias == -3.0
     cos = torch.tensor([[0.1, 0.3], [0.2, -0.1]])
-    torch.testing.assert_close(head.probabilities(cos), torch.sigmoid(cos * head.scale - 3.0))
+    post = segment.PostProcess(torch.arange(2), 2, 40.0, sigmoid=(head.scale, head.bias))
+    torch.testing.assert_close(segment.query_probabilities(cos, post),
+                               torch.sigmoid(cos * head.scale - 3.0))
     with pytest.raises(ConfigError, match="needs a sigmoid backbone"):
         text.score_rule("sigmoid", tiny_model, TINY)
     with pytest.raises(ConfigError, match="unknown text.scores='tanh'"):

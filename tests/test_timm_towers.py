@@ -11,8 +11,8 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
-from timm.models.vision_transformer import VisionTransformer
+from towers import SIGLIP_TIMM as TIMM_NAME
+from towers import SIGLIP_WIDTH as WIDTH
 
 from sclip_lab import segment
 from sclip_lab.errors import ConfigError
@@ -21,31 +21,7 @@ from sclip_lab.pipeline import Preprocess, Segmenter, build_head, build_last_blo
 from sclip_lab.timm_tower import TimmDenseEncoder, dense_encoder
 from sclip_lab.trunk_cache import open_cache
 
-TIMM_NAME = "sclip_test_siglip_tiny"
 ARCH = "sclip-tiny-siglip"
-WIDTH = 128  # two 64-wide heads: τ = 8 is the tower's own scale
-
-
-@register_model
-def sclip_test_siglip_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """A 3-block SigLIP-shaped timm ViT: no CLS, MAP head (vit_base_patch16_siglip_224's
-    arguments with smaller width and depth)."""
-    kwargs = {k: v for k, v in kwargs.items()
-              if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    kwargs["global_pool"] = kwargs.get("global_pool") or "map"
-    return VisionTransformer(img_size=224, patch_size=16, embed_dim=WIDTH, depth=3,
-                             num_heads=2, class_token=False, **kwargs)
-
-
-@register_model
-def sclip_test_pe_tiny(pretrained: bool = False, **kwargs):
-    """timm's PE-Core ViT (an ``Eva``: rotary embeddings, a CLS, a MAP head), one small block."""
-    import timm
-
-    kwargs = {k: v for k, v in kwargs.items()
-              if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    return timm.create_model("vit_pe_core_base_patch16_224", depth=2, embed_dim=64,
-                             num_heads=1, **kwargs)
 
 
 CONFIG = {
@@ -181,17 +157,6 @@ def test_methods_a_map_tower_cannot_host_are_refused_in_one_line(enc, section, w
     assert why in msg and "model=vit_b16_openai" in msg and "\n" not in msg
     assert len(msg) <= 300
 
-
-
-@register_model
-def sclip_test_eva02_tiny(pretrained: bool = False, **kwargs):
-    """timm's EVA-02 CLIP ViT (``Eva``: rotary embeddings, SwiGLU, q/v biases), two blocks."""
-    import timm
-
-    kwargs = {k: v for k, v in kwargs.items()
-              if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
-    return timm.create_model("eva02_base_patch16_clip_224", depth=2, embed_dim=128,
-                             num_heads=2, **kwargs)
 
 
 def eva_encoder(name: str, pool: str):

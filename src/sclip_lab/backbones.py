@@ -167,3 +167,80 @@ def backbone_dir(arch: str, pretrained: str) -> str:
     if pretrained == "openai" or pretrained not in open_clip.list_pretrained_tags_by_model(arch):
         return arch
     return f"{arch}-{pretrained}"
+
+
+# ------------------------------------------------------------ what a weights file holds
+
+# timm tower names carry the size as a word: (width, blocks) of each.
+_TIMM_SIZES = {"tiny": (192, 12), "small": (384, 12), "base": (768, 12), "large": (1024, 24),
+               "so400m": (1152, 27), "huge": (1280, 32), "giant": (1408, 40)}
+_SIZE_LETTERS = {768: "B", 1024: "L", 1280: "H", 1152: "So400m", 1408: "g", 1664: "G"}
+_FAMILIES = (("SigLIP2", "SigLIP 2"), ("SigLIP", "SigLIP"), ("PE-Core", "PE-Core"),
+             ("EVA02", "EVA-02"))
+
+
+def config_signature(arch: str) -> dict:
+    """What a state dict of ``arch`` must show (``weights_signature``'s keys), read from its
+    open_clip config: tower kind, width, patch, native size, blocks (None where a timm
+    name does not say), text context and vocabulary, sigmoid head."""
+    cfg = _model_config(arch)
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    timm_name = vision.get("timm_model_name")
+    facts = backbone_facts(arch)
+    if timm_name:
+        word = next((w for w in _TIMM_SIZES if f"_{w}_" in f"_{timm_name}_"), None)
+        width, layers = _TIMM_SIZES.get(word, (None, None))
+    else:
+        width, layers = vision.get("width"), vision.get("layers")
+    return {"tower": facts.tower, "width": width, "patch": facts.patch_size,
+            "image_size": facts.image_size, "layers": layers,
+            "context": facts.context_length, "vocab": int(text.get("vocab_size", 49408)),
+            "sigmoid": facts.sigmoid}
+
+
+def weights_signature(state) -> dict | None:
+    """``config_signature``'s keys read from a CLIP state dict (open_clip's layout, either
+    tower kind), or None when it holds no CLIP image tower."""
+    if "visual.conv1.weight" in state:
+        tower, patch_key, pos_key, block = ("open_clip", "visual.conv1.weight",
+                                            "visual.positional_embedding",
+                                            "visual.transformer.resblocks.")
+    elif "visual.trunk.patch_embed.proj.weight" in state:
+        tower, patch_key, pos_key, block = ("timm", "visual.trunk.patch_embed.proj.weight",
+                                            "visual.trunk.pos_embed", "visual.trunk.blocks.")
+    else:
+        return None
+    width, _, patch, _ = state[patch_key].shape
+    rows = state[pos_key].shape[-2] if pos_key in state else None
+    grid = None if rows is None else next(
+        (g for g in (int(round((rows - p) ** 0.5)) for p in (0, 1)) if g * g in (rows, rows - 1)),
+        None)
+    blocks = {k[len(block):].split(".")[0] for k in state if k.startswith(block)}
+    text_pos = state.get("positional_embedding", state.get("text.positional_embedding"))
+    vocab = state.get("token_embedding.weight", state.get("text.token_embedding.weight"))
+    return {"tower": tower, "width": int(width), "patch": int(patch),
+            "image_size": None if grid is None else grid * int(patch), "layers": len(blocks),
+            "context": None if text_pos is None else int(text_pos.shape[0]),
+            "vocab": None if vocab is None else int(vocab.shape[0]),
+            "sigmoid": "logit_bias" in state}
+
+
+def looks_like(state) -> tuple[str, list[str]]:
+    """What a CLIP state dict is, in a few words, and the presets that fit it, e.g.
+    ``("a SigLIP 2 B/16 tower at 256 px", ["siglip2_b16_256"])``."""
+    sig = weights_signature(state)
+    if sig is None:
+        return "no CLIP image tower", []
+    fits = [name for name, (arch, _) in presets().items()
+            if all(v is None or sig.get(k) == v for k, v in config_signature(arch).items())]
+    if fits:
+        arch = presets()[fits[0]][0]
+        family = next((words for key, words in _FAMILIES if key in arch), "CLIP")
+        size = _SIZE_LETTERS.get(sig["width"], f"width-{sig['width']}")
+        words = f"{family} {size}/{sig['patch']} tower at {sig['image_size']} px"
+    else:
+        kind = "SigLIP-style timm" if sig["sigmoid"] else (
+            "timm" if sig["tower"] == "timm" else "open_clip ViT")
+        words = (f"{kind} tower of width {sig['width']}, {sig['layers']} blocks, "
+                 f"{sig['patch']}-pixel patches at {sig['image_size']} px")
+    return ("an " if words[0] in "AEIOUaeiou" else "a ") + words, fits

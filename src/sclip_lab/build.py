@@ -119,6 +119,7 @@ def segmenter_from_config(cfg: DictConfig, classes: Sequence[str], logit_scale: 
         preprocess=prep or cfg.preprocess, classes=None if classes is None else list(classes),
         logit_scale=logit_scale,
         prob_thd=prob_thd, area_thd=area_thd, templates=cfg.text.templates,
+        text_scores=cfg.text.get("scores", "softmax"),
         device=cfg.device, precision=cfg.precision, batch_size=cfg.batch_size,
         cache_dir=cfg.cache_dir, trunk_cache=cfg.get("trunk_cache") or None,
         trunk_cache_dtype=cfg.get("trunk_cache_dtype", "fp32"), keep_going=keep_going)

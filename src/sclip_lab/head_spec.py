@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sclip_lab import segment
+from sclip_lab import refine
 from sclip_lab.attention import get_variant
 from sclip_lab.errors import ConfigError, integer
 from sclip_lab.knobs import (
@@ -113,7 +113,7 @@ class HeadSpec:
     pos_embed: str = TRUNK_KNOBS[0].default
     projection: Any = None
     projection_given: tuple | None = None
-    refine: segment.Refine | None = None
+    refine: refine.Refine | None = None
     postprocess: str = "none"
     proxy: Any = None
     proxy_given: tuple | None = None
@@ -274,7 +274,7 @@ def _projection_variants() -> list[str]:
     return [name for name, v in ATTENTIONS.items() if v.projection]
 
 
-def _refine(section: Mapping[str, Any] | None) -> tuple[segment.Refine | None, str]:
+def _refine(section: Mapping[str, Any] | None) -> tuple[refine.Refine | None, str]:
     name = (section or {}).get("name", "none")
     if name == "none":
         return None, "none"
@@ -285,7 +285,7 @@ def _refine(section: Mapping[str, Any] | None) -> tuple[segment.Refine | None, s
     if steps < 1 or not dil or min(dil) < 1:
         raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
                           f"(got steps={steps}, dilations={list(dil)})")
-    return segment.Refine(steps, dil), name
+    return refine.Refine(steps, dil), name
 
 
 def _text(value: Any) -> str:

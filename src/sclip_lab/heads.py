@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from sclip_lab import segment
+from sclip_lab import refine
 from sclip_lab.errors import ConfigError
 from sclip_lab.head_spec import HeadSpec, head_spec
 from sclip_lab.knobs import BindContext
@@ -58,7 +58,7 @@ class Head:
     and the validated spec they were built from."""
 
     last: LastBlock
-    refine: segment.Refine | None = None
+    refine: refine.Refine | None = None
     spec: HeadSpec | None = None
 
 

@@ -29,6 +29,7 @@ from sclip_lab.attention import (
     merge_heads,
     softmax_attention,
 )
+from sclip_lab.backbones import looks_like, weights_signature
 from sclip_lab.checkpoint import load_state
 from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError, brief
@@ -95,12 +96,25 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], bool]:
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ModelError(f"{path} holds no state dict of tensors; pass a CLIP ViT checkpoint")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if "visual.conv1.weight" not in sd or "visual.transformer.resblocks.0.ln_1.weight" not in sd:
-        raise ModelError(f"{path} is not a CLIP ViT checkpoint (no visual.conv1 / "
-                         "visual.transformer.resblocks keys); pass an open_clip or OpenAI "
-                         "CLIP ViT weights file")
+    if weights_signature(sd) is None:
+        alone = "patch_embed.proj.weight" in sd or "transformer.resblocks.0.ln_1.weight" in sd
+        raise ModelError(f"{path} is not a CLIP checkpoint (" + (
+            "an image tower alone, no text tower" if alone else "no visual.conv1 or "
+            "visual.trunk keys") + "); pass an open_clip or OpenAI CLIP weights file (for a "
+            "hub model its open_clip_model.safetensors / open_clip_pytorch_model.bin)")
     openai = jit or any(k in sd for k in OPENAI_META_KEYS)
     return {k: v for k, v in sd.items() if k not in OPENAI_META_KEYS}, openai
+
+
+def check_family(state: Mapping[str, Tensor], path: Path, model: nn.Module, arch: str) -> None:
+    """A file of another tower than the built ``model`` (kind, width, patch, size, blocks,
+    text side) is named in one line with the presets that fit it, before any loading."""
+    if weights_signature(state) == weights_signature(model.state_dict()):
+        return
+    words, fits = looks_like(state)
+    raise ModelError(f"{path} does not fit model.arch={arch}: it looks like {words}; " + (
+        f"use model={'|'.join(fits)}" if fits else "set model.arch (and model.config_file) to "
+        "its architecture"))
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -168,6 +182,7 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         raise ModelError(f"{arch} has no open_clip VisionTransformer or timm tower; use a ViT "
                          "config")
     if state is not None:
+        check_family(state, path, model, built)
         load_state(model, state, path, f"model.arch={built}",
                    "set model.arch to the checkpoint's architecture", error=ModelError)
     model.eval().requires_grad_(False)
@@ -353,7 +368,7 @@ def head_inputs(encoder: Any, trunk: TrunkOutput, last: LastBlock, z: Tensor,
         z=z, q=q, k=k, v=v, grid=trunk.grid, early=early, x=trunk.x, hidden=trunk.hidden,
         blocks=blocks, block=block_knobs, queries=queries, images=trunk.images,
         features=encoder.features, proxy=trunk.proxy.get(last.proxy), logit_scale=logit_scale,
-        named={n: trunk.named[n] for n in last.features})
+        named={n: trunk.named[n] for n in last.features}, depth=encoder.depth)
 
 
 def run_blocks(encoder: Any, images: Tensor, x: Tensor, grid: tuple[int, int],

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sclip_lab import segment
+from sclip_lab import refine, segment, text
 from sclip_lab.errors import ConfigError, UserError, integer
 from sclip_lab.features import add_features
 from sclip_lab.head_spec import HeadSpec, head_spec
@@ -25,7 +25,6 @@ from sclip_lab.model import DenseEncoder, TrunkOutput, clip_from_section
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED
 from sclip_lab.preprocess import Preprocess
 from sclip_lab.proxy import ProxyBackbone, load_proxy, window_features
-from sclip_lab.text import classifier, split_queries
 from sclip_lab.timm_tower import dense_encoder
 from sclip_lab.trunk_cache import TrunkCache, open_cache
 
@@ -183,13 +182,13 @@ class Segmenter:
         return [segment.stitch_windows(w, h, wd, tuple(size)) for w, (h, wd), size
                 in zip(self.window_logits(groups, len(shapes), head), shapes, sizes)]
 
-    def refined(self, logits: Tensor, resized: Tensor, refine: segment.Refine | None
+    def refined(self, logits: Tensor, resized: Tensor, rule: refine.Refine | None
                 ) -> Tensor:
-        """``(Q, H, W)`` logits at the original size, PAMR-refined if ``refine`` is on."""
+        """``(Q, H, W)`` logits at the original size, PAMR-refined if ``rule`` is on."""
         size = tuple(logits.shape[-2:])
-        if refine is not None:
+        if rule is not None:
             guide = segment.upsample(resized.to(logits.device).float(), tuple(size))
-            logits = segment.pamr(guide, logits, refine.steps, refine.dilations)
+            logits = refine.pamr(guide, logits, rule.steps, rule.dilations)
         return logits
 
     def iter_heads(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],
@@ -298,6 +297,7 @@ def build_segmenter(
     prob_thd: float = 0.0,
     area_thd: float | None = None,
     templates: str = "openai_imagenet",
+    text_scores: str = "softmax",
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 16,
@@ -320,6 +320,8 @@ def build_segmenter(
             head's sections as ``attention`` / ``projection`` / ``postprocess`` / ``proxy``.
         classes: the vocabulary's class lines (synonyms as ``"person, man"``); None for a
             segmenter without text (attention maps only: no logits).
+        text_scores: ``softmax`` over queries at ``logit_scale`` (the protocol's rule), or
+            ``sigmoid``, the model's own head (SigLIP; docs/protocol.md §4).
         learned: per head, the trained (W, b) of ``projection=learned`` (or None).
         trunk_cache: a folder for blocks 1…D−1 (``trunk_cache=DIR``), or None.
         keep_going: a head that cannot be built on this model (a borrowed block deeper
@@ -335,6 +337,7 @@ def build_segmenter(
     """
     prep = Preprocess.from_section(preprocess)
     batch_size = integer(batch_size, "batch_size", 1)
+    text.check_scores(text_scores)
     if classes is not None and not classes:
         raise ConfigError("the vocabulary is empty; give dataset=<name> or classes=[...]")
     if heads is None:  # before the (slow) model load: bad values fail in the first second
@@ -356,15 +359,18 @@ def build_segmenter(
             skipped[i] = e
     if not built:
         raise next(iter(skipped.values()))
-    names, owner = split_queries(classes or [])
+    names, owner = text.split_queries(classes or [])
     dev = torch.device(info["device"])
-    queries = (classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
+    queries = (text.classifier(clip, info["arch"], names, templates, dev, cache_dir).to(dev)
                if names else torch.empty(0, clip.visual.output_dim, device=dev))
+    sigmoid = text.score_rule(text_scores, clip, info["arch"])
     post = segment.PostProcess(torch.tensor(owner, dtype=torch.long), len(names and classes),
                                float(logit_scale),
                                float(prob_thd or 0.0),
-                               None if area_thd is None else float(area_thd))
-    info.update(num_queries=len(names), depth=encoder.depth)
+                               None if area_thd is None else float(area_thd),
+                               None if sigmoid is None else (sigmoid.scale, sigmoid.bias))
+    info.update(num_queries=len(names), depth=encoder.depth,
+                backbone=backbone_of(clip, encoder, info["arch"], text_scores, sigmoid))
     proxies = {h.last.proxy: load_proxy(h.last.proxy, dev, encoder.dtype)  # once per backbone
                for h in built if h.last.proxy is not None}
     cache = None if not trunk_cache else open_cache(trunk_cache, trunk_cache_dtype, encoder,
@@ -372,6 +378,20 @@ def build_segmenter(
     segmenter = Segmenter(encoder, built, queries, post, prep, batch_size, cache, proxies,
                           skipped)
     return segmenter, info
+
+
+def backbone_of(clip: Any, encoder: Any, arch: str, text_scores: str, sigmoid: Any
+                ) -> dict[str, Any]:
+    """What the record keeps of the built backbone (its ``model.backbone`` section): the
+    tower as built (kind, patch, native size, prefix tokens, what it provides to methods)
+    and the text side (tokenizer, context length, score rule and a sigmoid head's values)."""
+    size = getattr(clip.visual, "image_size", None)
+    return {"tower": getattr(encoder, "kind", "open_clip VisionTransformer"),
+            "patch": int(encoder.patch), "width": int(encoder.width),
+            "native_size": int(size[0] if isinstance(size, (tuple, list)) else size or 0),
+            "prefix_tokens": int(encoder.prefix), "provides": sorted(encoder.provides),
+            **text.tokenizer_identity(arch), "text_scores": text_scores,
+            "sigmoid_head": None if sigmoid is None else asdict(sigmoid)}
 
 
 # The assembly's names in one place: heads (``sclip_lab.heads``) and preprocessing too.

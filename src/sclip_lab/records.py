@@ -39,6 +39,7 @@ PACKAGES = ("torch", "torchvision", "open_clip_torch", "torchmetrics", "hydra-co
 # n or window reach them by interpolation); speed, paths and logging are left out.
 # Dataset keys added after the first records: absent from their keys while at these values.
 VOCABULARY_DEFAULTS = {"synonyms": True, "background_word": None, "class_overrides": {}}
+TEXT_DEFAULTS = {"scores": "softmax"}  # text keys added later, likewise
 RESULT_KEYS = ("model", "dataset", "attention", "projection", "preprocess", "postprocess",
                "text", "precision", "limit")
 
@@ -52,6 +53,9 @@ def result_key(config: Mapping[str, Any], spec: HeadSpec | None = None) -> str:
         relevant["dataset"] = {k: v for k, v in relevant["dataset"].items() if k != "prepare"
                                and not (k in VOCABULARY_DEFAULTS
                                         and v == VOCABULARY_DEFAULTS[k])}
+    if isinstance(relevant["text"], Mapping):
+        relevant["text"] = {k: v for k, v in relevant["text"].items()
+                            if not (k in TEXT_DEFAULTS and v == TEXT_DEFAULTS[k])}
     att = relevant["attention"]
     if spec is None and isinstance(att, Mapping) and att.get("name") in ATTENTIONS:
         spec = head_spec_of(config, require_proxy=False)

@@ -198,7 +198,10 @@ def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[st
     prep = base.preprocess
     window = ("whole image" if prep.window is None
               else f"{prep.window} windows, stride {prep.stride}")
+    back = info["backbone"]
     rows = [("model", f"{info['arch']}  weights {weights_text(info)}"),
+            ("tower", f"{back['tower']}, patch {back['patch']}, native {back['native_size']}, "
+                      f"{back['text_scores']} scores"),
             ("device", f"{info['device']}, {info['precision']}"),
             ("dataset", f"{spec.name}: {num_images} images{total}, {spec.num_classes} classes, "
                         f"{len(segmenter.queries)} queries"),

@@ -171,6 +171,9 @@ class PostProcess:
         prob_thd: pixels whose max class probability is below it become class 0 (0 = off).
         area_thd: classes ≥ 1 covering at most this fraction of the foreground are dropped
             (None = off).
+        sigmoid: ``(scale, bias)`` of the model's own sigmoid head (``text.scores=sigmoid``,
+            SigLIP): each query's probability is ``sigmoid(scale·logit + bias)`` instead of
+            the softmax over queries at ``logit_scale`` (None, the default).
     """
 
     query_class: torch.Tensor
@@ -178,6 +181,7 @@ class PostProcess:
     logit_scale: float
     prob_thd: float = 0.0
     area_thd: float | None = None
+    sigmoid: tuple[float, float] | None = None
 
 
 def synonym_max(values: torch.Tensor, query_class: torch.Tensor, num_classes: int,
@@ -196,8 +200,16 @@ def synonym_max(values: torch.Tensor, query_class: torch.Tensor, num_classes: in
 
 def class_probabilities(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
     """``(Q, H, W)`` cosine logits -> ``(C, H, W)`` fp32 probabilities (max over synonyms)."""
-    probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
-    return synonym_max(probs, pp.query_class, pp.num_classes)
+    return synonym_max(query_probabilities(logits, pp), pp.query_class, pp.num_classes)
+
+
+def query_probabilities(logits: torch.Tensor, pp: PostProcess) -> torch.Tensor:
+    """``(Q, *S)`` cosine logits -> ``(Q, *S)`` fp32 per-query probabilities: the softmax
+    over queries at ``pp.logit_scale``, or ``pp.sigmoid``'s own probability per query."""
+    if pp.sigmoid is None:
+        return torch.softmax(logits.float() * pp.logit_scale, dim=0)
+    scale, bias = pp.sigmoid
+    return torch.sigmoid(logits.float() * scale + bias)
 
 
 # Post-processing runs over blocks of about this many logits (Q·rows·W): the temporaries
@@ -305,7 +317,10 @@ def classes_of_blocks(blocks: Blocks, shape: tuple[int, int, int], pp: PostProce
     query_class = pp.query_class.to(device)
     if len(query_class) > 1 and bool((query_class[1:] < query_class[:-1]).any()):
         raise ValueError("text queries must be ordered by class")
-    if pp.prob_thd > 0 or pp.area_thd is not None or not pp.logit_scale > 0:
+    # A sigmoid head saturates (ties in fp32 where the logits differ): its reference
+    # computation, the argmax of the probabilities, is taken as it is.
+    if pp.prob_thd > 0 or pp.area_thd is not None or not pp.logit_scale > 0 \
+            or pp.sigmoid is not None:
         return _thresholded(blocks, shape, pp, query_class)
     pred = torch.empty(shape[1:], dtype=torch.long, device=device)
     for rows, logits in _chunks(blocks()):
@@ -329,7 +344,7 @@ def _thresholded(blocks: Blocks, shape: tuple[int, int, int], pp: PostProcess,
     conf = torch.empty(shape[1:], device=query_class.device)
     best = torch.empty(shape[1:], dtype=torch.long, device=query_class.device)
     for rows, logits in _chunks(blocks()):
-        conf[rows], best[rows] = softmax_best(logits, pp.logit_scale)
+        conf[rows], best[rows] = query_probabilities(logits, pp).max(0)
     pred = query_class[best]
     if pp.area_thd is not None:
         areas = torch.bincount(pred.flatten(), minlength=pp.num_classes)
@@ -338,63 +353,9 @@ def _thresholded(blocks: Blocks, shape: tuple[int, int, int], pp: PostProcess,
         dropped = small[query_class].view(-1, 1, 1)
         for rows, logits in _chunks(blocks()):
             if bool(small[pred[rows]].any()):
-                probs = torch.softmax(logits.float() * pp.logit_scale, dim=0)
+                probs = query_probabilities(logits, pp)
                 conf[rows], best[rows] = probs.masked_fill_(dropped, 0.0).max(0)
         pred = query_class[best]
     if pp.prob_thd > 0:
         pred = pred.masked_fill(conf < pp.prob_thd, 0)
     return pred
-
-
-# ------------------------------------------------------------------------------- PAMR
-
-
-@dataclass(frozen=True)
-class Refine:
-    """PAMR on the stitched logits (``postprocess=pamr``; docs/protocol.md §7)."""
-
-    steps: int = 10
-    dilations: tuple[int, ...] = (8, 16)
-
-
-def _neighbours(x: torch.Tensor, dilation: int) -> list[torch.Tensor]:
-    """The 8 dilated 3×3 neighbours of every pixel of ``(B, K, H, W)``, replicate-padded."""
-    H, W = x.shape[-2:]
-    d = dilation
-    padded = F.pad(x, (d, d, d, d), mode="replicate")
-    return [padded[..., d + dy * d: d + dy * d + H, d + dx * d: d + dx * d + W]
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
-
-
-def pamr_affinity(guide: torch.Tensor, dilations: Sequence[int]) -> list[torch.Tensor]:
-    """PAMR's pixel-adaptive affinities of a ``(B, 3, H, W)`` guide image.
-
-    Returns one ``(B, 1, H, W)`` weight per neighbour position (8 per dilation), a softmax
-    over positions of the channel-mean of −|x − x_p| / (1e-8 + 0.1·σ), with σ the unbiased
-    std over all stencil samples of all dilations, centre included once per dilation.
-    """
-    neigh = [n for d in dilations for n in _neighbours(guide, d)]
-    samples = torch.stack(neigh + [guide] * len(dilations), dim=2)  # (B, 3, P + D, H, W)
-    sigma = samples.std(dim=2, unbiased=True)
-    logits = torch.stack([-(guide - n).abs() / (1e-8 + 0.1 * sigma) for n in neigh], dim=2)
-    weights = logits.mean(1).softmax(1)  # (B, P, H, W)
-    return list(weights.unsqueeze(2).unbind(1))
-
-
-def pamr(guide: torch.Tensor, logits: torch.Tensor, steps: int = 10,
-         dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (docs/protocol.md §7).
-
-    Args:
-        guide: ``(3, H, W)`` normalised image at the logits' size.
-        logits: ``(Q, H, W)`` stitched logits.
-
-    Returns:
-        ``(Q, H, W)``: ``steps`` times m ← Σ_p a_p · m_p (centre excluded).
-    """
-    weights = pamr_affinity(guide[None].float(), dilations)
-    m = logits[None].float()
-    for _ in range(steps):
-        neigh = [n for d in dilations for n in _neighbours(m, d)]
-        m = sum(w * n for w, n in zip(weights, neigh))
-    return m[0]

@@ -139,10 +139,6 @@ class SigmoidHead:
     scale: float
     bias: float
 
-    def probabilities(self, logits: Tensor) -> Tensor:
-        """``(Q, *S)`` cosine logits -> ``(Q, *S)`` fp32, each query on its own (no sum to 1)."""
-        return torch.sigmoid(logits.float() * self.scale + self.bias)
-
 
 def sigmoid_head(model: nn.Module) -> SigmoidHead | None:
     """The model's own sigmoid text head (SigLIP, SigLIP 2: a ``logit_bias``), else None."""
@@ -152,6 +148,13 @@ def sigmoid_head(model: nn.Module) -> SigmoidHead | None:
     return SigmoidHead(float(model.logit_scale.detach().exp()), float(bias.detach()))
 
 
+def check_scores(scores: str) -> str:
+    """``text.scores`` checked by name (before any model is loaded)."""
+    if scores not in SCORES:
+        raise ConfigError(f"unknown text.scores={scores!r}; choose one of {list(SCORES)}")
+    return scores
+
+
 def score_rule(scores: str, model: nn.Module, arch: str) -> SigmoidHead | None:
     """``text.scores`` -> None (softmax over queries at the protocol's logit scale, the
     default) or the model's ``SigmoidHead``.
@@ -159,8 +162,7 @@ def score_rule(scores: str, model: nn.Module, arch: str) -> SigmoidHead | None:
     Raises:
         ConfigError: an unknown value, or ``sigmoid`` on a backbone without a sigmoid head.
     """
-    if scores not in SCORES:
-        raise ConfigError(f"unknown text.scores={scores!r}; choose one of {list(SCORES)}")
+    check_scores(scores)
     if scores == "softmax":
         return None
     head = sigmoid_head(model)

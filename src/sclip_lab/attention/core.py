@@ -56,6 +56,7 @@ class AttentionInputs:
             caller classifies: two-pass methods that classify inside the block use it.
         named: feature name -> ``(B, ...)`` the named trunk features the variant declared
             (``features=``; each computed by its provider, ``sclip_lab.features``).
+        depth: D, the tower's block count (0 where unknown: inputs built by hand).
     """
 
     z: Tensor
@@ -74,6 +75,7 @@ class AttentionInputs:
     proxy: Tensor | None = None
     logit_scale: float | None = None
     named: Mapping[str, Tensor] = field(default_factory=dict)
+    depth: int = 0
 
     @property
     def heads(self) -> int:

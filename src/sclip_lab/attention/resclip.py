@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sclip_lab import segment
+from sclip_lab import refine
 from sclip_lab.attention.core import (
     HEAD_TEMPERATURE,
     AttentionInputs,
@@ -204,7 +204,7 @@ def feedback_probabilities(x: AttentionInputs, attention: Tensor, pamr_steps: in
     size = tuple(x.images.shape[-2:])
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     if pamr_steps > 0:
-        logits = torch.stack([segment.pamr(img.float(), lg, pamr_steps, dilations)
+        logits = torch.stack([refine.pamr(img.float(), lg, pamr_steps, dilations)
                               for img, lg in zip(x.images, logits)])
     scale = SFR_LOGIT_SCALE if x.logit_scale is None else x.logit_scale
     return (logits * scale).softmax(1)

@@ -51,8 +51,14 @@ def path_layers(knobs: Mapping, depth: int) -> tuple[int, ...]:
 
 
 def stream(x: AttentionInputs, layer: int) -> Tensor:
-    """``h_layer`` of the vanilla stream: a kept trunk state, or the last block's input."""
-    return x.x if layer == len(x.blocks) - 1 else x.hidden[layer]
+    """``h_layer`` of the vanilla stream: a kept trunk state, or ``h_{D−1}``, the last
+    block's input (never kept: it comes anyway). The tower's depth, not its open_clip
+    blocks, says which: a timm tower passes none."""
+    if layer in x.hidden:
+        return x.hidden[layer]
+    if layer == (x.depth or len(x.blocks)) - 1:
+        return x.x
+    raise KeyError(f"h_{layer} was not kept by the trunk; declare it in the variant's hidden=")
 
 
 def side_path(x: AttentionInputs, depth: int, attention: BlockAttention) -> Tensor:
