@@ -214,7 +214,7 @@ def test_the_cli_runs_and_predicts_on_timms_own_siglip_and_pe_towers(tmp_path):
 
 
 # README "Backbones": what each timm family refuses, and the words of its reason.
-PATHS = {"surgery", "gem", "scclip", "resclip"}  # their own path over open_clip's blocks
+PATHS = {"surgery", "gem", "scclip", "sfp", "resclip"}  # their own path over open_clip's blocks
 REFUSED = {SIGLIP: PATHS | {"segearth_block", "scclip_attention", "proxy"},
            PE: PATHS | {"proxy"}, EVA: PATHS | {"proxy"}}
 SMALL_KNOBS = {"early": ["layer=1"], "proxy": ["proxy=clip_self", "proxy.layer=1"],

@@ -14,6 +14,13 @@ from sclip_lab.attention import resclip as _resclip  # noqa: F401
 from sclip_lab.attention import scclip as _scclip  # noqa: F401
 from sclip_lab.attention import surgery as _surgery  # noqa: F401
 from sclip_lab.attention import trase as _trase  # noqa: F401
+
+# isort: split
+# Methods added later register after the others, so that the summary's knob columns keep
+# their order and new ones come last (records.summary_of).
+from sclip_lab.attention import sfp as _sfp  # noqa: F401
+
+# isort: split
 from sclip_lab.attention.core import (
     ATTENTIONS,
     COMBINES,

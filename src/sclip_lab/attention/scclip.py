@@ -197,12 +197,12 @@ def scclip_path(x: AttentionInputs, lof_k: int = LOF_K, contamination: float = C
 # ------------------------------------------------------------------- registration
 
 
-def check_scclip(knobs: dict, ctx: BindContext) -> dict:
+def check_scclip(knobs: dict, ctx: BindContext, name: str = "scclip") -> dict:
     """The multi-level range must run forwards."""
     if knobs.get("multi_start", 0) > knobs.get("multi_end", 0):
-        raise ConfigError(f"attention=scclip: multi_start={knobs['multi_start']} > multi_end="
-                          f"{knobs['multi_end']}; give blocks start ≤ end (SC-CLIP sums "
-                          "h_4..h_10)")
+        raise ConfigError(f"attention={name}: multi_start={knobs['multi_start']} > multi_end="
+                          f"{knobs['multi_end']}; give blocks start ≤ end (SC-CLIP and SFP "
+                          "sum h_4..h_10)")
     return knobs
 
 
