@@ -14,12 +14,14 @@ path and ``sweep.table`` do not matter, so hand-made runs count too. Re-runs: th
 record wins; random-projection trials (Table 2) are averaged (mean ± sample std).
 
 Per table N the output directory receives ``tableN.csv`` (numeric: per dataset
-``<dataset>_mean``, ``_std``, ``_k``, ``_partial``, ``_paper``, ``_delta``; empty where
-missing; see ``sclip_lab.tables.render``), ``tableN.tex`` (pandas ``Styler.to_latex``,
-booktabs, one decimal, the best reproduced value per column in bold) and ``tableN.png`` /
-``tableN.pdf`` (reproduced vs paper per dataset, shared x-range). "reproduced" is this
-lab's records, Δ = reproduced − paper. Missing cells are "–" ("n/a" in the figures) and
-logged, never fatal; cells from partial splits (``limit=``) are marked † (hatched).
+``<dataset>_mean``, ``_std``, ``_k``, ``_partial``, ``_paper``, ``_delta``, and ``_rerun``
+after ``_paper`` in a table with re-runs by others (``table.rerun``: the methods
+leaderboard); empty where missing; see ``sclip_lab.tables.render``), ``tableN.tex``
+(pandas ``Styler.to_latex``, booktabs, one decimal, the best reproduced value per column
+in bold) and ``tableN.png`` / ``tableN.pdf`` (reproduced vs paper per dataset, shared
+x-range). "reproduced" is this lab's records, Δ = reproduced − paper. Missing cells are
+"–" ("n/a" in the figures) and logged, never fatal; cells from partial splits
+(``limit=``) are marked † (hatched).
 The rows come from ``conf/sweep/tableN.yaml`` (``rows:``) and, for Table 4, the
 preprocessing modes; the work is done by ``sclip_lab.tables``.
 """

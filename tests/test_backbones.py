@@ -245,7 +245,7 @@ def test_every_leaderboard_method_runs_on_a_patch14_gelu_tower(tmp_path_factory,
         ["model.arch=sclip-deep-h14", f"model.config_file={path}", f"model.pretrained={ckpt}",
          f"cache_dir={tmp_path / 'cache'}", "num_workers=0", "logger=none", "dataset=voc20",
          f"data_root={data}", f"variants={json.dumps(entries)}"], tmp_path / "r")
-    assert len(records) == len(entries) == 16
+    assert len(records) == len(entries) == 18
     assert all(0.0 <= rec["metrics"]["mIoU"] <= 100.0 for rec in records)
 
 

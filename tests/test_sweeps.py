@@ -21,7 +21,7 @@ TABLE_DATASETS = ("voc21", "context59", "coco_stuff")
                                                  ("table3", 3, 12), ("table4", 15, 0),
                                                  ("clearclip_grid", 5, 20),
                                                  ("naclip_grid", 8, 10),
-                                                 ("methods", 8, 17)])
+                                                 ("methods", 8, 19)])
 def test_sweep_definitions_compose(table, jobs, variants):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("run", overrides=[f"+sweep={table}"], return_hydra_config=True)
@@ -233,9 +233,9 @@ def test_methods_leaderboard_runs_every_method_and_renders(tmp_path, tmp_path_fa
                env={"SCLIP_SWEEPS": str(sweeps)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = list(_records(sweeps).values())
-    assert len(recs) == 17
-    assert {r["summary"]["attention"] for r in recs} >= {"surgery", "gem", "resclip",
-                                                         "segearth_block", "scclip", "sfp", "proxy"}
+    assert len(recs) == 19
+    assert {r["summary"]["attention"] for r in recs} >= {
+        "surgery", "gem", "resclip", "segearth_block", "scclip", "sfp", "pearl", "proxy"}
     out = tmp_path / "tables"
     proc = subprocess.run([sys.executable, "analysis/make_tables.py", "--root", str(sweeps),
                            "--out", str(out), "--tables", "methods"], cwd=CONF_DIR.parent,

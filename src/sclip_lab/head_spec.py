@@ -23,7 +23,7 @@ from typing import Any
 
 from sclip_lab import refine
 from sclip_lab.attention import get_variant
-from sclip_lab.errors import ConfigError, integer
+from sclip_lab.errors import ConfigError, integer, number
 from sclip_lab.knobs import (
     BLOCK_KNOBS,
     BLOCK_NAMES,
@@ -33,7 +33,7 @@ from sclip_lab.knobs import (
     summary_fields,
 )
 
-POSTPROCESS = ("none", "pamr")
+POSTPROCESS = ("none", "pamr", "tlp")
 
 
 class Pairs(tuple):
@@ -113,7 +113,7 @@ class HeadSpec:
     pos_embed: str = TRUNK_KNOBS[0].default
     projection: Any = None
     projection_given: tuple | None = None
-    refine: refine.Refine | None = None
+    refine: refine.Refinement | None = None
     postprocess: str = "none"
     proxy: Any = None
     proxy_given: tuple | None = None
@@ -274,18 +274,47 @@ def _projection_variants() -> list[str]:
     return [name for name, v in ATTENTIONS.items() if v.projection]
 
 
-def _refine(section: Mapping[str, Any] | None) -> tuple[refine.Refine | None, str]:
+def _refine(section: Mapping[str, Any] | None) -> tuple[refine.Refinement | None, str]:
     name = (section or {}).get("name", "none")
     if name == "none":
         return None, "none"
     if name not in POSTPROCESS:
         raise ConfigError(f"unknown postprocess={name!r}; choose {' or '.join(POSTPROCESS)}")
+    if name == "tlp":
+        return _tlp(section), name
     steps = integer(section.get("steps", 10), "postprocess.steps")
     dil = tuple(integer(d, "postprocess.dilations") for d in section["dilations"] or ())
     if steps < 1 or not dil or min(dil) < 1:
         raise ConfigError("postprocess=pamr needs steps ≥ 1 and dilations ≥ 1 "
                           f"(got steps={steps}, dilations={list(dil)})")
-    return refine.Refine(steps, dil), name
+    return refine.PAMR(steps, dil), name
+
+
+def _tlp(section: Mapping[str, Any]) -> refine.TLP:
+    """``postprocess=tlp``'s knobs checked (conf/postprocess/tlp.yaml; refine.TLP)."""
+    known = {"name", "grid", "tau_s", "diag_boost", "edge", "cg_iters", "tau", "min_conf",
+             "agree"}
+    if extra := sorted(set(section) - known):
+        raise ConfigError(f"postprocess=tlp has no knob {extra[0]!r}; its knobs: "
+                          f"{', '.join(sorted(known - {'name'}))}")
+    default = refine.TLP()
+
+    def get(key: str) -> Any:
+        return section.get(key, getattr(default, key))
+
+    agree = str(get("agree"))
+    if agree not in ("diagonal", "matrix"):
+        raise ConfigError(f"postprocess.agree={agree!r}: choose diagonal (the official "
+                          "einsum) or matrix")
+    return refine.TLP(
+        grid=integer(get("grid"), "postprocess.grid", 1),
+        tau_s=number(get("tau_s"), "postprocess.tau_s", above=0),
+        diag_boost=number(get("diag_boost"), "postprocess.diag_boost", 0),
+        edge=number(get("edge"), "postprocess.edge", 0),
+        cg_iters=integer(get("cg_iters"), "postprocess.cg_iters", 0),
+        tau=number(get("tau"), "postprocess.tau", 0),
+        min_conf=number(get("min_conf"), "postprocess.min_conf", 0),
+        agree=agree)
 
 
 def _text(value: Any) -> str:

@@ -58,7 +58,7 @@ class Head:
     and the validated spec they were built from."""
 
     last: LastBlock
-    refine: refine.Refine | None = None
+    refine: refine.Refinement | None = None
     spec: HeadSpec | None = None
 
 

@@ -182,13 +182,14 @@ class Segmenter:
         return [segment.stitch_windows(w, h, wd, tuple(size)) for w, (h, wd), size
                 in zip(self.window_logits(groups, len(shapes), head), shapes, sizes)]
 
-    def refined(self, logits: Tensor, resized: Tensor, rule: refine.Refine | None
+    def refined(self, logits: Tensor, resized: Tensor, rule: refine.Refinement | None
                 ) -> Tensor:
-        """``(Q, H, W)`` logits at the original size, PAMR-refined if ``rule`` is on."""
+        """``(Q, H, W)`` logits at the original size, refined by ``rule`` if on (PAMR, TLP:
+        the resized image brought to that size as its guide, the text queries)."""
         size = tuple(logits.shape[-2:])
         if rule is not None:
             guide = segment.upsample(resized.to(logits.device).float(), tuple(size))
-            logits = refine.pamr(guide, logits, rule.steps, rule.dilations)
+            logits = rule(guide, logits, self.queries)
         return logits
 
     def iter_heads(self, resized: Sequence[Tensor], sizes: Sequence[tuple[int, int]],

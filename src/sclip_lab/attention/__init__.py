@@ -21,6 +21,9 @@ from sclip_lab.attention import trase as _trase  # noqa: F401
 from sclip_lab.attention import sfp as _sfp  # noqa: F401
 
 # isort: split
+from sclip_lab.attention import pearl as _pearl  # noqa: F401
+
+# isort: split
 from sclip_lab.attention.core import (
     ATTENTIONS,
     COMBINES,

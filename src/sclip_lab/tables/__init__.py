@@ -3,7 +3,8 @@
 ``layout`` (rows from ``conf/sweep/tableN.yaml`` and ``conf/preprocess/modeK.yaml``,
 columns) → ``collect`` (records → cells) → ``render`` (numeric CSV, console, LaTeX) and
 ``plot`` (figures); ``paper`` holds the published values. ``analysis/make_tables.py`` is
-the CLI. Every view sets "reproduced" (this lab's records) beside "paper".
+the CLI. Every view sets "reproduced" (this lab's records) beside "paper", and a
+named table with ``table.rerun`` (``published``) also beside "re-run" (re-runs by others).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sclip_lab.tables.layout import (
     PARTIAL_MARK,
     PRESETS,
     REPRODUCED,
+    RERUN,
     TABLE1_COLUMNS,
     TABLE_NUMBERS,
     Row,
@@ -47,6 +49,7 @@ from sclip_lab.tables.layout import (
 from sclip_lab.tables.plot import figure_of, plot_table
 from sclip_lab.tables.render import (
     BACKBONE,
+    CSV_RERUN,
     CSV_STATS,
     backbone_csv_frame,
     console_frame,
@@ -61,9 +64,9 @@ from sclip_lab.tables.render import (
 )
 
 __all__ = [
-    "ABLATION_COLUMNS", "BACKBONE", "CSV_STATS", "DEFAULT_SHORT_SIDE", "MIN_TRIALS", "MISSING",
-    "PAPER",
-    "PAPER_SHORT_SIDE", "PARTIAL_MARK", "PRESETS", "REPRODUCED", "TABLE1_COLUMNS",
+    "ABLATION_COLUMNS", "BACKBONE", "CSV_RERUN", "CSV_STATS", "DEFAULT_SHORT_SIDE",
+    "MIN_TRIALS", "MISSING", "PAPER",
+    "PAPER_SHORT_SIDE", "PARTIAL_MARK", "PRESETS", "REPRODUCED", "RERUN", "TABLE1_COLUMNS",
     "TABLE_NUMBERS", "Row", "Table", "TableSpec", "backbone_csv_frame", "backbone_groups",
     "build_table", "console_frame",
     "console_text", "csv_frame", "display_frame", "field_value", "figure_of", "flops_column",

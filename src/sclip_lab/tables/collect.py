@@ -34,6 +34,7 @@ from sclip_lab.tables.layout import (
     PAPER,
     PRESETS,
     REPRODUCED,
+    RERUN,
     Row,
     TableSpec,
     preprocess_modes,
@@ -228,8 +229,11 @@ class Table:
             set); the average's where any of its benchmarks' is.
         paper: the paper's values.
         observations: long form ``row, dataset, source, mIoU`` (source ``reproduced``: every
-            trial; ``paper``), for analyses of the trials.
+            trial; ``paper``; ``re-run`` where the table has re-runs by others), for
+            analyses of the trials.
         extra: leading columns (Table 4's preprocessing and FLOPs), indexed like ``ours``.
+        rerun: the independent re-runs by others (``spec.rerun``), shaped like ``paper``;
+            empty (no columns) when the table has none.
         limits: the ``limit`` values of the partial records (for the footnote).
         warnings: what was logged about this table.
     """
@@ -242,6 +246,7 @@ class Table:
     paper: pd.DataFrame
     observations: pd.DataFrame
     extra: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rerun: pd.DataFrame = field(default_factory=pd.DataFrame)
     limits: tuple[int, ...] = ()
     warnings: list[str] = field(default_factory=list)
 
@@ -282,7 +287,7 @@ def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
     spec = table_spec(number)
     keys, names = [r.key for r in spec.rows], list(spec.columns)
     ours = pd.DataFrame(np.nan, index=keys, columns=names)
-    std, paper = ours.copy(), ours.copy()
+    std, paper, rerun = ours.copy(), ours.copy(), ours.copy()
     trials = pd.DataFrame(0, index=keys, columns=names)
     partial = pd.DataFrame(False, index=keys, columns=names)
     obs, few, partials, limits = [], [], [], set()
@@ -293,6 +298,9 @@ def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
             values = [float(r["mIoU"]) for r in picked]
             paper.loc[row.key, name] = spec.paper.get(row.key, {}).get(name, np.nan)
             obs.append((row.label, label, PAPER, paper.loc[row.key, name]))
+            if spec.has_rerun:
+                rerun.loc[row.key, name] = spec.rerun.get(row.key, {}).get(name, np.nan)
+                obs.append((row.label, label, RERUN, rerun.loc[row.key, name]))
             obs += [(row.label, label, REPRODUCED, v) for v in values]
             trials.loc[row.key, name] = len(values)
             if not values:
@@ -308,14 +316,16 @@ def build_table(number: int | str, records: Sequence[Mapping[str, Any]],
                 partial.loc[row.key, name] = True
                 partials.append(f"{row.label} / {label}")
                 limits |= cut
-    if spec.paper_avg is not None:
+    if spec.has_avg:
         # The average needs every benchmark; a mean of some would not compare with the paper.
         ours[AVG] = ours[names].mean(axis=1).where(ours[names].notna().all(axis=1))
         std[AVG], trials[AVG] = np.nan, trials[names].min(axis=1)
         partial[AVG] = partial[names].any(axis=1) & ours[AVG].notna()
-        paper[AVG] = pd.Series(spec.paper_avg)
+        paper[AVG] = pd.Series(spec.paper_avg or {}, dtype=float)
+        rerun[AVG] = pd.Series(spec.rerun_avg or {}, dtype=float)
     observations = pd.DataFrame(obs, columns=["row", "dataset", "source", "mIoU"]).dropna()
     table = Table(spec, ours, std, trials, partial, paper, observations,
+                  rerun=rerun if spec.has_rerun else pd.DataFrame(),
                   limits=tuple(sorted(limits)))
     if number == 4:
         table.extra = _table4_extra(spec, vit)

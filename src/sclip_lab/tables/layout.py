@@ -7,11 +7,13 @@ Tables 1–3: one row per entry of ``rows:`` in ``conf/sweep/tableN.yaml``, in t
          latex: "Local attention, window $5$"}
 
 ``variant`` is a sweep variant (its ``trial=`` left out: a random row averages the trials),
-``key`` the paper's row id (``paper``), ``label``/``latex`` the row labels (latex defaults
-to label). A label the paper marks "(ours)" is shown as the method's name ("SCLIP (ours)"
-→ "SCLIP"): here our numbers are the "reproduced" ones, beside the "paper"'s. Table 4: one
-row per ``preprocess`` mode its sweep runs, with that mode's short side, window and stride
-(``conf/preprocess/modeK.yaml``) and the run's default method.
+``key`` the paper's row id (``paper``; a named table's ``table.paper`` and ``table.rerun``,
+``tables.published``), ``label``/``latex`` the row labels (latex defaults to label). A label
+the paper marks "(ours)" is shown as the method's name ("SCLIP (ours)" → "SCLIP"): here our
+numbers are the "reproduced" ones, beside the "paper"'s (and, in a named table with a
+``table.rerun`` section, a "re-run": another paper's or repository's independent re-run).
+Table 4: one row per ``preprocess`` mode its sweep runs, with that mode's short side, window
+and stride (``conf/preprocess/modeK.yaml``) and the run's default method.
 
 The summary fields a record must match are not written down here: they are the summary
 row (``records.summary_of``) of the run config composed with the row's overrides, as
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -41,15 +43,17 @@ from sclip_lab.tables.paper import (
     TABLE3,
     TABLE4,
 )
+from sclip_lab.tables.published import published_sections
 
 log = logging.getLogger(__name__)
 
 TABLE_NUMBERS = (1, 2, 3, 4)
 MISSING = "–"  # an empty cell
 AVG = "avg"  # Table 1's "Avg." column
-# The two sources of a value, in every rendering and legend; never "ours", which the paper
-# uses for its own method (a row), not for this reproduction.
-REPRODUCED, PAPER = "reproduced", "paper"
+# The sources of a value, in every rendering and legend; never "ours", which the paper
+# uses for its own method (a row), not for this reproduction. RERUN: another paper's or
+# repository's independent re-run (a named table's ``table.rerun``), only where one is given.
+REPRODUCED, PAPER, RERUN = "reproduced", "paper", "re-run"
 PARTIAL_MARK = "†"  # a cell with a record of part of the split (``limit`` set)
 _OURS_SUFFIX = " (ours)"
 
@@ -123,6 +127,21 @@ class TableSpec:
     columns: Mapping[str, str]  # dataset name -> column label
     paper: Mapping[str, Mapping[str, float]]
     paper_avg: Mapping[str, float] | None = None  # an "Avg." column (Table 1, grids)
+    # Independent re-runs by others (``table.rerun``, ``rerun_avg``; ``rerun_source``: row
+    # key -> where the numbers come from); empty = the table has no re-run source.
+    rerun: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    rerun_avg: Mapping[str, float] | None = None
+    rerun_source: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def has_rerun(self) -> bool:
+        """Whether the table shows a third source, re-runs by others, beside the paper."""
+        return bool(self.rerun or self.rerun_avg)
+
+    @property
+    def has_avg(self) -> bool:
+        """Whether the table has an "Avg." column (published averages to set it beside)."""
+        return self.paper_avg is not None or self.rerun_avg is not None
 
     @property
     def heading(self) -> str:
@@ -200,7 +219,7 @@ def named_spec(name: str) -> TableSpec:
                      per_dataset_matches(r.variant, base, columns), r.variant)
                  for r in sweep_rows(name, base))
     return TableSpec(name, meta["title"], meta.get("index_name", "Row"), rows, columns,
-                     meta.get("paper") or {}, meta.get("paper_avg"))
+                     **published_sections(meta, name, [r.key for r in rows], columns))
 
 
 def per_dataset_matches(entry: str, base: Sequence[str], datasets: Sequence[str]

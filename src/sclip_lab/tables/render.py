@@ -1,8 +1,10 @@
 """A built table as text: a numeric CSV, and the console and LaTeX (pandas ``Styler``) views.
 
 Two sources everywhere: "reproduced" (the records of this lab's runs) and "paper"; Δ =
-reproduced − paper. Never "ours": the paper calls its own method that (a row, shown as
-"SCLIP").
+reproduced − paper. A named table with a ``table.rerun`` section (the methods leaderboard)
+has a third, "re-run": an independent re-run published by another paper or repository,
+beside the paper's value. Never "ours": the paper calls its own method that (a row, shown
+as "SCLIP").
 
 CSV (:func:`csv_frame`): numbers only, so ``pd.read_csv(path, index_col=0)`` gives float,
 int and bool columns; a missing value is an empty field (NaN). The index is the row label,
@@ -17,7 +19,9 @@ e.g. ``coco_stuff``; ``avg`` for an "Avg." column), six columns ``<dataset>_<sta
 - ``k``: the records averaged (random trials; 1 for other rows; 0 = no record); the
   average's is the fewest of its benchmarks';
 - ``partial``: True when a record behind the cell evaluated part of the split (``limit=``);
-- ``paper``: the paper's value; ``delta``: mean − paper.
+- ``paper``: the paper's value; ``delta``: mean − paper;
+- ``rerun`` (only in a table with re-runs, between ``paper`` and ``delta``): the re-run by
+  others (empty where a row has none).
 
 Console and LaTeX keep the paper's layout: random-trial cells read ``mean ± std (k)``,
 missing cells "–" ("--" in LaTeX), a partial cell ends in † and a note (:func:`notes`,
@@ -37,12 +41,13 @@ import numpy as np
 import pandas as pd
 
 from sclip_lab.tables.collect import Table, backbone_groups, build_table
-from sclip_lab.tables.layout import AVG, MISSING, PAPER, PARTIAL_MARK, REPRODUCED, Row
+from sclip_lab.tables.layout import AVG, MISSING, PAPER, PARTIAL_MARK, REPRODUCED, RERUN, Row
 from sclip_lab.tables.plot import plot_table
 
 STATS = (REPRODUCED, PAPER, "Δ")
-STATS_LATEX = {REPRODUCED: REPRODUCED, PAPER: PAPER, "Δ": r"$\Delta$"}
+STATS_LATEX = {REPRODUCED: REPRODUCED, PAPER: PAPER, RERUN: RERUN, "Δ": r"$\Delta$"}
 CSV_STATS = ("mean", "std", "k", "partial", "paper", "delta")
+CSV_RERUN = "rerun"  # a table with re-runs by others: ``<dataset>_rerun`` after ``_paper``
 # Table 4's leading columns under CSV names (the config keys of conf/preprocess/modeK.yaml).
 CSV_EXTRA = {"Img size": "short_side", "Window": "window", "Stride": "stride",
              "FLOPs": "flops", "FLOPs (paper)": "flops_paper"}
@@ -75,13 +80,25 @@ def csv_frame(table: Table) -> pd.DataFrame:
                                      for name in table.extra.columns}
     for name in _column_labels(table):
         mean, paper = table.ours[name], table.paper[name]
-        stats = (mean, table.std[name], table.trials[name].astype(int),
-                 table.partial[name].astype(bool), paper, mean - paper)
-        columns |= {f"{name}_{stat}": values for stat, values in zip(CSV_STATS, stats,
-                                                                      strict=True)}
+        stats = dict(zip(CSV_STATS, (mean, table.std[name], table.trials[name].astype(int),
+                                     table.partial[name].astype(bool), paper, mean - paper),
+                         strict=True))
+        if table.spec.has_rerun:
+            stats = _after(stats, "paper", CSV_RERUN, table.rerun[name])
+        columns |= {f"{name}_{stat}": values for stat, values in stats.items()}
     frame = pd.DataFrame(columns).reindex(keys).round(CSV_DECIMALS)
     frame.index = pd.Index([r.label for r in table.spec.rows], name=table.spec.index_name)
     return frame
+
+
+def _after(items: Mapping[str, Any], key: str, new: str, value: Any) -> dict[str, Any]:
+    """``items`` with ``new: value`` inserted right after ``key``."""
+    out = {}
+    for k, v in items.items():
+        out[k] = v
+        if k == key:
+            out[new] = value
+    return out
 
 
 BACKBONE = "Backbone"
@@ -142,7 +159,8 @@ def _flops_text(value: Any, latex: bool) -> str:
 
 
 def display_frame(table: Table, decimals: int, latex: bool = False) -> pd.DataFrame:
-    """Strings in the paper's layout: columns ``(column label, reproduced | paper | Δ)``.
+    """Strings in the paper's layout: columns ``(column label, reproduced | paper | Δ)``
+    (``reproduced | paper | re-run | Δ`` in a table with re-runs by others).
 
     Random-trial cells read ``mean ± std (k)`` with k the number of trials, a partial cell
     ends in †, missing cells are "–" ("--" in LaTeX). Table 4 leads with its preprocessing
@@ -160,6 +178,9 @@ def display_frame(table: Table, decimals: int, latex: bool = False) -> pd.DataFr
                                               for r in rows]
         columns[(label, stat[PAPER])] = [_value_text(table.paper.loc[r.key, name], decimals,
                                                      latex) for r in rows]
+        if table.spec.has_rerun:
+            columns[(label, RERUN)] = [_value_text(table.rerun.loc[r.key, name], decimals,
+                                                   latex) for r in rows]
         columns[(label, stat["Δ"])] = [_value_text(delta[r.key], decimals, latex, signed=True)
                                       for r in rows]
     index_name = table.spec.index_name
@@ -211,11 +232,19 @@ def to_latex(table: Table) -> str:
     n_text = len(table.extra.columns) + 1
     caption = (f"{latex_text(caption_text(table.spec))}. Reproduced vs the paper; "
                r"$\Delta$ = reproduced $-$ paper."
+               + (f" {latex_text(rerun_note(table))}." if table.spec.has_rerun else "")
                + "".join(f" {latex_text(note)}." for note in notes(table)))
     return styler.to_latex(
         hrules=True, multicol_align="c", position_float="centering",
         column_format="l" * n_text + "r" * (frame.shape[1] - n_text + 1),
         caption=caption, label=f"tab:{table.spec.stem}")
+
+
+def rerun_note(table: Table) -> str:
+    """What the re-run column is and where each row's numbers come from (a caption note)."""
+    labels = {r.key: r.label for r in table.spec.rows}
+    sources = "; ".join(f"{labels[key]}: {text}" for key, text in table.spec.rerun_source.items())
+    return f"{RERUN.capitalize()}: an independent re-run published by others ({sources})"
 
 
 def caption_text(spec) -> str:
