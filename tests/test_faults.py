@@ -151,7 +151,7 @@ CASES = [
      "attention.alpha=0 is out of range"),
     ("residual-type", RUN, ["attention.residual=perhaps"], 2, "is not true/false"),
     ("protocol-unknown", RUN, ["protocol=nope"], 2, "available options in 'protocol': "
-     "clearclip, naclip, proxyclip, resclip, scclip, sclip"),
+     "clearclip, naclip, pearl, proxyclip, resclip, scclip, sclip, sfp"),
     # ProxyCLIP: its proxy backbone and knobs.
     ("proxy-missing", RUN, ["attention=proxy"], 2, "attention=proxy needs a proxy backbone"),
     ("proxy-unknown", RUN, ["proxy=nope"], 2, "available options in 'proxy'"),

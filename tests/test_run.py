@@ -44,7 +44,7 @@ def test_run_writes_record_and_offline_wandb_and_is_deterministic(tiny, tmp_path
     import pandas as pd
 
     table = pd.read_csv(out1 / "per_class_iou.csv")
-    assert list(table.columns) == ["class", "iou", "queries"]
+    assert list(table.columns) == ["class", "iou", "acc", "queries"]
     assert list(table["class"]) == list(rec["per_class_iou"])
     assert "per-class IoU" in p1.stderr + p1.stdout
     # the start banner names the variant fully and the weights by their digest; open_clip's

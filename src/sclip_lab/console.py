@@ -1,5 +1,5 @@
-"""What a researcher reads on the console: the start banner, the per-class table, and
-third-party chatter kept out of the way.
+"""What a researcher reads on the console: the start banner, the per-class table (as
+mmseg prints it), and third-party chatter kept out of the way.
 
 open_clip logs through the root logger: a dozen INFO lines per model and tokenizer, and
 "No pretrained weights loaded … initialized randomly" even when the lab loads a local
@@ -67,10 +67,33 @@ def banner(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
-def per_class_table(per_class: Mapping[str, float | None], columns: int = 3) -> str:
-    """mmseg-style console table: ``name  IoU`` cells, ``columns`` per line ("–" = absent
-    from the split)."""
-    cells = [f"{name[:22]:<22} {'–' if v is None else f'{v:6.2f}':>6}"
-             for name, v in per_class.items()]
-    return "\n".join("  " + "   ".join(cells[i:i + columns])
-                     for i in range(0, len(cells), columns))
+def per_class_table(iou: Mapping[str, float | None], acc: Mapping[str, float | None],
+                    summary: Mapping[str, float | None]) -> str:
+    """mmseg's evaluation log, drawn as its PrettyTable draws it: one ``Class | IoU | Acc``
+    row per class, then ``Summary:`` and the ``aAcc | mIoU | mAcc`` row.
+
+    Values in percent, each shown as mmseg shows ``np.round(v, 2)`` (``93.32``, ``90.0``,
+    ``nan`` for a class absent from the split or, for Acc, from its labels); columns
+    centred and as wide as their widest cell."""
+    rows = [(name, _mmseg_value(v), _mmseg_value(acc.get(name))) for name, v in iou.items()]
+    summary_row = [_mmseg_value(summary.get(k)) for k in ("aAcc", "mIoU", "mAcc")]
+    return "\n".join([*_pretty(("Class", "IoU", "Acc"), rows), "Summary:",
+                      *_pretty(("aAcc", "mIoU", "mAcc"), [summary_row])])
+
+
+def _mmseg_value(v: float | None) -> str:
+    """``str(np.round(v, 2))``: round half to even at two decimals, shortest repr."""
+    if v is None or v != v:
+        return "nan"
+    return str(round(v * 100) / 100)
+
+
+def _pretty(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """PrettyTable's default look: ``+---+`` rules, cells centred as ``str.center``."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(cells: Sequence[str]) -> str:
+        return "|" + "|".join(f" {c.center(w)} " for c, w in zip(cells, widths)) + "|"
+
+    return [rule, line(header), rule, *map(line, rows), rule]

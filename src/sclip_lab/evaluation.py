@@ -88,10 +88,27 @@ def scores(metric: SegmentationMetrics, names: Sequence[str]
     """``(metrics, per_class)`` as a record holds them: mIoU / aAcc / mAcc in percent, and
     each class's IoU in percent (4 decimals; None for a class absent from both the labels
     and the predictions), keyed by its display name (``names``, made unique)."""
+    metrics, iou, _ = class_scores(metric, names)
+    return metrics, iou
+
+
+def class_scores(metric: SegmentationMetrics, names: Sequence[str], digits: int | None = 4
+                 ) -> tuple[dict[str, float], dict[str, float | None],
+                            dict[str, float | None]]:
+    """``(metrics, per_class_iou, per_class_acc)``: ``scores`` and each class's Acc in
+    percent (mmseg's per-class Acc, TP / (TP + FN); None for a class absent from the
+    labels; ``metrics["mAcc"]`` is their mean), both keyed by display name and rounded to
+    ``digits`` decimals (None: unrounded, for the console table)."""
     computed = metric.compute()
-    per_class = {name: (None if torch.isnan(v) else round(float(v), 4))
-                 for name, v in zip(unique_names(names), computed["per_class_iou"])}
-    return {k: float(computed[k]) for k in METRICS}, per_class
+    keys = unique_names(names)
+
+    def by_name(values: torch.Tensor) -> dict[str, float | None]:
+        return {name: None if torch.isnan(v) else
+                float(v) if digits is None else round(float(v), digits)
+                for name, v in zip(keys, values)}
+
+    return ({k: float(computed[k]) for k in METRICS}, by_name(computed["per_class_iou"]),
+            by_name(computed["per_class_acc"]))
 
 
 def worker_errors_unwrapped(loader: DataLoader):

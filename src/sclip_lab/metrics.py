@@ -1,8 +1,10 @@
 """Dataset-level segmentation metrics on one int64 confusion matrix (docs/protocol.md §11).
 
-mmseg's definition: areas summed over the whole dataset, IoU_c = ΣI_c / ΣU_c, classes
-with ΣU_c = 0 excluded from the mean (NaN-mean), a class predicted but never present
-counts 0.
+mmseg's definition (``IoUMetric.total_area_to_metrics``): areas summed over the whole
+dataset, IoU_c = ΣI_c / ΣU_c, classes with ΣU_c = 0 excluded from the mean (NaN-mean), a
+class predicted but never present counts 0; Acc_c = ΣI_c / ΣL_c (TP / (TP + FN): the
+recall over the class's ground-truth pixels, NaN for a class absent from the ground
+truth), mAcc their NaN-mean; aAcc = ΣI / ΣL.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from sclip_lab.data import IGNORE_INDEX
 class SegmentationMetrics(MulticlassConfusionMatrix):
     """``update(pred (H, W) or (N, H, W) int64, target same shape)``; target 255 is ignored.
 
-    ``compute()`` returns ``{"mIoU", "aAcc", "mAcc"}`` in percent and ``"per_class_iou"``,
-    a ``(C,)`` tensor in percent with NaN for classes absent from both prediction and
-    ground truth everywhere.
+    ``compute()`` returns ``{"mIoU", "aAcc", "mAcc"}`` in percent, ``"per_class_iou"``, a
+    ``(C,)`` tensor in percent with NaN for classes absent from both prediction and
+    ground truth everywhere, and ``"per_class_acc"``, ``(C,)`` in percent with NaN for
+    classes absent from the ground truth (``mAcc`` is its NaN-mean).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
@@ -45,4 +48,5 @@ def confmat_scores(confmat: Tensor) -> dict[str, Tensor]:
         "aAcc": (inter.sum() / total * 100) if total > 0 else torch.tensor(torch.nan),
         "mAcc": acc.nanmean() * 100,
         "per_class_iou": iou * 100,
+        "per_class_acc": acc * 100,
     }

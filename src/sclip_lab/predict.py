@@ -3,7 +3,8 @@
 Takes every override of ``sclip_lab.run``; the vocabulary is the dataset's (with its
 logit scale and thresholds) or a free list ``classes="[cat, dog, grass]"``. Writes the
 prediction as a palette PNG and, with ``logits=FILE.npy``, the stitched cosine logits
-``(Q, H, W)`` float32 at the original size, before the logit scale.
+``(Q, H, W)`` float32 at the original size, before the logit scale; with
+``overlay=FIG.png`` the image, the prediction and a legend of the classes present.
 
 Only ``logits=`` and ``postprocess=pamr`` (which mixes pixels across rows) build those
 full-size logits; otherwise they are stitched and reduced in row blocks, so an image of
@@ -28,11 +29,18 @@ log = logging.getLogger("sclip_lab")
 
 
 def predict(cfg: DictConfig) -> np.ndarray:
-    """Segment ``cfg.image``; write ``cfg.output`` (and ``cfg.logits``); return ``(H, W)``."""
+    """Segment ``cfg.image``; write ``cfg.output`` (and ``cfg.logits``, the figure
+    ``cfg.overlay``); return ``(H, W)``."""
     output = Path(cfg.output)
     if output.suffix.lower() != ".png":
         raise ConfigError(f"output={output} must be a .png file (a palette PNG is written)")
+    overlay = Path(cfg.overlay) if cfg.get("overlay") else None
+    if overlay is not None and overlay.suffix.lower() != ".png":
+        raise ConfigError(f"overlay={overlay} must be a .png file (a figure is written)")
+    if overlay is not None and overlay.resolve() == output.resolve():
+        raise ConfigError(f"overlay={overlay} is output= too; give the figure its own file")
     outputs = [("output", output)] + ([("logits", Path(cfg.logits))] if cfg.logits else [])
+    outputs += [("overlay", overlay)] if overlay is not None else []
     for key, path in outputs:
         if path.is_dir():
             raise ConfigError(f"{key}={path} is a directory; give a file path")
@@ -50,11 +58,15 @@ def predict(cfg: DictConfig) -> np.ndarray:
         with atomic_target(cfg.logits) as tmp, open(tmp, "wb") as f:
             np.save(f, logits.cpu().numpy().astype(np.float32))
     names = viz.class_names(classes, has_background=prob_thd > 0)
+    if overlay is not None:  # through a temporary name, as run's overlays
+        viz.save_figure(viz.overlay_figure(image, pred, names),
+                        overlay.with_name(overlay.stem), formats=(overlay.suffix[1:],))
     counts = np.bincount(pred.ravel(), minlength=len(classes))  # O(pixels), no sorted copy
     found = {names[c]: int(counts[c]) for c in np.flatnonzero(counts)}
     log.info("%s: %s", cfg.image, ", ".join(f"{k} {v / pred.size:.1%}" for k, v in
                                             sorted(found.items(), key=lambda kv: -kv[1])))
-    print(f"wrote {output} ({pred.shape[1]}×{pred.shape[0]}, {len(classes)} classes, "
+    wrote = f"{output} and {overlay}" if overlay is not None else f"{output}"
+    print(f"wrote {wrote} ({pred.shape[1]}×{pred.shape[0]}, {len(classes)} classes, "
           f"{info['arch']} {info['precision']})")
     return pred
 

@@ -168,10 +168,12 @@ def job_identity() -> dict[str, Any]:
 def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, float],
                  per_class: Mapping[str, float | None], info: Mapping[str, Any],
                  num_images: int, timings: Mapping[str, float], variant: str | None = None,
-                 classes: Sequence[str] | None = None, spec: HeadSpec | None = None
+                 classes: Sequence[str] | None = None, spec: HeadSpec | None = None,
+                 per_class_acc: Mapping[str, float | None] | None = None
                  ) -> dict[str, Any]:
     """A finished evaluation's record (``config`` resolved, metrics in %): ``per_class``
-    keyed by each class's display name, ``classes`` its full query lines (synonyms)."""
+    (IoU) and ``per_class_acc`` (mmseg's per-class Acc; None when not given) keyed by each
+    class's display name, ``classes`` its full query lines (synonyms)."""
     return {
         "status": FINISHED,
         "key": key,
@@ -181,6 +183,7 @@ def build_record(config: Mapping[str, Any], key: str, metrics: Mapping[str, floa
         "variant": variant or None,
         "metrics": dict(metrics),
         "per_class_iou": dict(per_class),
+        "per_class_acc": None if per_class_acc is None else dict(per_class_acc),
         "classes": None if classes is None else list(classes),
         "num_images": num_images,
         "model": dict(info),
@@ -286,11 +289,15 @@ PER_CLASS_FILE = "per_class_iou.csv"
 
 
 def write_per_class_csv(path: Path, per_class: Mapping[str, float | None],
-                        classes: Sequence[str]) -> None:
-    """``class,iou,queries`` per class (empty IoU for a class absent from the split)."""
+                        classes: Sequence[str],
+                        per_class_acc: Mapping[str, float | None] | None = None) -> None:
+    """``class,iou,acc,queries`` per class (empty IoU for a class absent from the split,
+    empty Acc for one absent from its labels or when ``per_class_acc`` is not given)."""
     import pandas as pd  # only where a table is written: records is read by light commands
 
+    acc = per_class_acc or {}
     frame = pd.DataFrame({"class": list(per_class), "iou": list(per_class.values()),
+                          "acc": [acc.get(name) for name in per_class],
                           "queries": list(classes)})
     with atomic_target(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.4f")

@@ -40,7 +40,7 @@ from sclip_lab.errors import (
     integer,
     message_of,
 )
-from sclip_lab.evaluation import evaluate_segmenter, scores
+from sclip_lab.evaluation import class_scores, evaluate_segmenter
 from sclip_lab.head_spec import HeadSpec, head_spec_of
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
@@ -230,20 +230,24 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     """Compute a job's metrics, log them, save overlays, write its record and W&B run."""
     config = OmegaConf.to_container(job.cfg, resolve=True)
     names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
-    metrics, per_class = scores(job.metric, names)
+    metrics, per_class, per_class_acc = class_scores(job.metric, names)
     label = job.label
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
-    log.info("%s [%s] per-class IoU (%%):\n%s", spec.name, label, per_class_table(per_class))
+    _, iou_shown, acc_shown = class_scores(job.metric, names, digits=None)  # mmseg rounds once
+    log.info("%s [%s] per-class IoU / Acc (%%), as mmseg prints them:\n%s", spec.name, label,
+             per_class_table(iou_shown, acc_shown, metrics))
     if job.proxy is not None:  # the record's model section names both backbones
         info = {**info, "proxy": job.proxy}
     record = build_record(config, job.key, metrics, per_class, info, num_images, timings,
-                          job.entry, classes=spec.classes, spec=job.spec)
+                          job.entry, classes=spec.classes, spec=job.spec,
+                          per_class_acc=per_class_acc)
     # The record first: nothing that happens to the files and logging after it can lose it.
     path = save_record(job.run_dir, record)
     print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
     extras = [(PER_CLASS_FILE, lambda: write_per_class_csv(job.run_dir / PER_CLASS_FILE,
-                                                            per_class, spec.classes))]
+                                                            per_class, spec.classes,
+                                                            per_class_acc))]
     extras += [(f"overlay {i}", partial(viz.segmentation_figure, image, {label: pred}, names,
                                         job.run_dir / f"overlay_{i:03d}_{Path(img_id).name}"))
                for i, (img_id, image, pred) in enumerate(job.overlays[:int(job.cfg.save_overlays)])]
