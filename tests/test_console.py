@@ -104,3 +104,22 @@ def test_weights_identity_is_recorded_and_shown(tiny_config_file, tiny_checkpoin
 def test_banner_aligns_its_rows():
     text = banner([("model", "ViT-B-16"), ("preprocess", "short side 336")])
     assert text.splitlines() == ["  model       ViT-B-16", "  preprocess  short side 336"]
+
+
+def test_counts_take_the_singular_for_one():
+    from sclip_lab.errors import plural
+
+    assert [plural(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "query", "queries") == (
+        "3 queries")
+
+
+def test_a_one_image_run_says_image(tiny_inproc, tmp_path, capsys):
+    from conftest import evaluate_in_process
+    from synthetic import write_benchmark
+
+    write_benchmark(tmp_path / "data", "voc20", num_images=1, size=(48, 64))
+    evaluate_in_process([*tiny_inproc, "dataset=voc20", f"data_root={tmp_path / 'data'}"],
+                        tmp_path / "r")
+    out = capsys.readouterr().out
+    assert "(1 image) ->" in out and "1 images" not in out

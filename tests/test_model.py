@@ -202,3 +202,41 @@ def test_dense_features_for_non_square_windows(tiny_model):
     last = build_last_block({"name": "csa"}, None, enc)
     feats = enc(torch.randn(2, 3, 160, 224), last)
     assert feats.shape == (2, 10 * 14, 32)
+
+
+def test_the_precision_tip_is_said_once_per_cache_dir(monkeypatch, caplog, tmp_path):
+    """The bf16 tip of precision=auto is a tip, not a problem: once per cache_dir, across
+    processes (a marker there); a cache that cannot be written says it every time."""
+    monkeypatch.setattr(precision, "cpu_native", lambda p: True)
+    caplog.set_level(logging.INFO, logger="sclip_lab.precision")
+    cpu = torch.device("cpu")
+    for _ in range(2):  # two commands: the process cache is cleared between them
+        precision.advise.cache_clear()
+        assert resolve_precision("auto", cpu, str(tmp_path / "cache")) == "fp32"
+    tips = [r for r in caplog.records if "precision=bf16 is faster" in r.getMessage()]
+    assert len(tips) == 1 and (tmp_path / "cache" / ".said-precision-auto-bf16").is_file()
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a cache_dir that is a file: nothing can be marked
+    for _ in range(2):
+        precision.advise.cache_clear()
+        resolve_precision("auto", cpu, str(blocked))
+    tips = [r for r in caplog.records if "precision=bf16 is faster" in r.getMessage()]
+    assert len(tips) == 3
+    precision.advise.cache_clear()
+
+
+def test_hub_weights_offline_are_one_line_without_open_clips_error(monkeypatch, caplog,
+                                                                   tmp_path):
+    """A hub tag that is not in the local cache with the hub offline: the lab's one line
+    (open_clip's own ERROR record is dropped), naming the file to pass instead."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    caplog.set_level(logging.INFO)
+    with pytest.raises(ModelError) as e:
+        load_clip("ViT-B-32", "openai", "fp32", "cpu")
+    assert str(e.value) == ("weights 'openai' are not in the local cache and the hub is "
+                            "offline: pass model.pretrained=/path/to/ViT-B-32.pt or go online")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -20,15 +20,20 @@ _OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__) + os.sep
 # open_clip warns this when it builds a model without a hub tag; the lab then loads its
 # own file (or says that the weights are random), so the line is wrong or repeated.
 _RANDOM_INIT = "initialized randomly"
+# open_clip logs this before it raises; the lab turns the error into its own one line.
+_DOWNLOAD_FAILED = "Failed to download"
 
 
 class _OpenClipChatter(logging.Filter):
-    """Drop open_clip's INFO lines and its random-init warning; keep its other warnings."""
+    """Drop open_clip's INFO lines, its random-init warning and the download error it
+    raises right after (``load_clip`` says it in one line); keep its other warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not record.pathname.startswith(_OPEN_CLIP_DIR):
             return True
-        return record.levelno >= logging.WARNING and _RANDOM_INIT not in record.getMessage()
+        message = record.getMessage()
+        return (record.levelno >= logging.WARNING and _RANDOM_INIT not in message
+                and _DOWNLOAD_FAILED not in message)
 
 
 _FILTER = _OpenClipChatter()

@@ -97,6 +97,17 @@ def brief(error: BaseException, limit: int = 100) -> str:
     return f"{type(error).__name__}: {clip(first, limit)}"
 
 
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``"1 image"``, ``"2 images"``: a count with its noun (``many`` where it is not
+    ``word + "s"``).
+
+    Example:
+        >>> plural(1, "image"), plural(0, "name"), plural(2, "class", "classes")
+        ('1 image', '0 names', '2 classes')
+    """
+    return f"{count} {word}" if count == 1 else f"{count} {many or word + 's'}"
+
+
 def clip(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ending in "…" where it was cut."""
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sclip_lab.errors import Interrupted, UserError, message_of
+from sclip_lab.errors import Interrupted, UserError, message_of, plural
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.records import METRICS, unique_names
 
@@ -132,4 +132,4 @@ def interrupts_counted(bar: tqdm, total: int) -> Iterator[None]:
         yield
     except (KeyboardInterrupt, Interrupted) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        raise Interrupted(signum, f"{bar.n} of {total} images") from None
+        raise Interrupted(signum, f"{bar.n} of {plural(total, 'image')}") from None

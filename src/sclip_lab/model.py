@@ -1,10 +1,6 @@
-"""Load any open_clip ViT and run it densely (docs/protocol.md §1–2).
-
-``load_clip`` builds an open_clip model from an architecture name plus a hub tag or a
-local checkpoint (open_clip state dict, or OpenAI's ``clip`` file as a state dict or its
-TorchScript archive). ``DenseEncoder`` runs the visual tower's blocks 1…depth−1
-unchanged (``trunk``), then the last block with a registered attention variant
-(``head``), then ``ln_post`` and ``proj`` on every token.
+"""Load any open_clip model (hub tag, open_clip or OpenAI file: ``load_clip``) and run its
+ViT densely: blocks 1…depth−1 unchanged (``DenseEncoder.trunk``), the last block with a
+registered attention variant (``head``), ``ln_post`` and ``proj`` on every token (§1–2).
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from sclip_lab.checkpoint import load_state
 from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError, brief
 from sclip_lab.features import TrunkOutput, check_names, compute, context
-from sclip_lab.files import file_digest
+from sclip_lab.files import file_digest, hub_offline
 from sclip_lab.knobs import Variant, call_with
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, interpolate_pos_embed
 from sclip_lab.precision import resolve
@@ -65,9 +61,9 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, notes: str | None = None) -> str:
     """``auto`` -> fp16 on CUDA, fp32 on CPU (``precision.resolve``, as a ModelError)."""
-    return resolve(precision, device, ModelError)
+    return resolve(precision, device, ModelError, None if notes is None else Path(notes))
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], bool]:
@@ -131,8 +127,8 @@ def quickgelu_arch(arch: str) -> str:
 
 
 def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str = "auto",
-              quick_gelu: bool | None = None, config_file: str | None = None
-              ) -> tuple[nn.Module, dict]:
+              quick_gelu: bool | None = None, config_file: str | None = None,
+              cache_dir: str | None = None) -> tuple[nn.Module, dict]:
     """Build an open_clip CLIP ViT with weights.
 
     Args:
@@ -144,6 +140,7 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         device: ``auto`` | cpu | cuda.
         quick_gelu: force the activation; None = QuickGELU exactly for OpenAI weights.
         config_file: an extra open_clip model-config JSON to register first (custom arch).
+        cache_dir: where tips already given are marked (the precision tip, once per cache).
 
     Returns:
         ``(model in eval mode, info)`` where info records what was resolved.
@@ -158,7 +155,7 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
         raise ModelError(f"unknown model.arch={arch!r}; open_clip has e.g. {near[:12]}")
     quiet_open_clip()
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = resolve_precision(precision, dev, cache_dir)
     path = Path(os.path.expanduser(pretrained))
     is_file = pretrained not in ("", "none") and (path.suffix != "" or path.exists())
     state, openai = (read_checkpoint(path) if is_file
@@ -174,9 +171,12 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
                                        force_quick_gelu=quick_gelu and built == arch
                                        and not arch.endswith("-quickgelu"))
     except RuntimeError as e:
-        raise ModelError(f"could not get weights '{pretrained}' for {built} ({brief(e)}); "
-                         "without hub access pass a local file: model.pretrained=/path/to/"
-                         "ViT-B-16.pt", detail=str(e)) from None
+        file = f"model.pretrained=/path/to/{arch.removesuffix('-quickgelu')}.pt"
+        raise ModelError(f"weights '{pretrained}' are not in the local cache and the hub is "
+                         f"offline: pass {file} or go online" if hub_offline() else
+                         f"could not get weights '{pretrained}' for {built} ({brief(e)}); "
+                         f"without hub access pass a local file: {file}", detail=str(e)
+                         ) from None
     if not isinstance(getattr(model, "visual", None), (open_clip.transformer.VisionTransformer,
                                                        open_clip.timm_model.TimmModel)):
         raise ModelError(f"{arch} has no open_clip VisionTransformer or timm tower; use a ViT "
@@ -192,11 +192,11 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
     return model, info
 
 
-def clip_from_section(model: Mapping[str, Any], precision: str = "auto", device: str = "auto"
-                      ) -> tuple[nn.Module, dict]:
+def clip_from_section(model: Mapping[str, Any], precision: str = "auto", device: str = "auto",
+                      cache_dir: str | None = None) -> tuple[nn.Module, dict]:
     """``load_clip`` for a ``model`` section (arch, pretrained, quick_gelu, config_file)."""
     return load_clip(model["arch"], str(model["pretrained"]), precision, device,
-                     model.get("quick_gelu"), model.get("config_file"))
+                     model.get("quick_gelu"), model.get("config_file"), cache_dir)
 
 
 # ------------------------------------------------------------------------ dense forward

@@ -344,7 +344,7 @@ def build_segmenter(
     if heads is None:  # before the (slow) model load: bad values fail in the first second
         heads = [head_spec(attention or {"name": "csa"}, projection, postprocess, proxy)]
     learned = list(learned or [None] * len(heads))
-    clip, info = clip_from_section(model, precision, device)
+    clip, info = clip_from_section(model, precision, device, cache_dir)
     encoder = dense_encoder(clip.visual)  # open_clip's ViT or a timm tower (timm_tower.py)
     if prep.window is not None and prep.window < encoder.patch:
         raise ConfigError(f"preprocess.window={prep.window} is smaller than one "

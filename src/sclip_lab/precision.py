@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -43,14 +44,16 @@ def cpu_native(precision: str) -> bool:
 
 
 @functools.cache
-def advise(precision: str, device_type: str) -> None:
+def advise(precision: str, device_type: str, notes: Path | None = None) -> None:
     """Log, once per process and precision, what ``precision`` (as requested, ``auto``
     included) costs on a CPU: a warning when it is emulated, an info line when bf16 is
-    native and would be faster than the fp32 that ``auto`` picks. Silent on GPUs."""
+    native and would be faster than the fp32 that ``auto`` picks. Silent on GPUs. The info
+    line (a tip, not a problem) is said once per ``notes`` folder (the cache_dir): a marker
+    file there keeps later commands quiet."""
     if device_type != "cpu" or precision == "fp32":
         return
     if precision == "auto":
-        if cpu_native("bf16"):
+        if cpu_native("bf16") and not _noted(notes, "precision-auto-bf16"):
             log.info("precision=auto is fp32 on CPU (reproducible numbers); this CPU computes "
                      "bf16 natively, so precision=bf16 is faster (predictions may move "
                      "slightly)")
@@ -63,8 +66,23 @@ def advise(precision: str, device_type: str) -> None:
                  "fp32", precision)
 
 
+def _noted(folder: Path | None, name: str) -> bool:
+    """Whether ``name`` was already said for ``folder`` (and mark it said from now on)."""
+    if folder is None:
+        return False
+    marker = Path(folder).expanduser() / f".said-{name}"
+    if marker.exists():
+        return True
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:  # a read-only cache: say it every time rather than fail
+        pass
+    return False
+
+
 def resolve(precision: str | torch.dtype, device: torch.device,
-            error: type[Exception] = ConfigError) -> str:
+            error: type[Exception] = ConfigError, notes: Path | None = None) -> str:
     """The precision name (a key of ``PRECISIONS``) that ``precision`` means on ``device``.
 
     ``auto`` is fp16 on CUDA and fp32 elsewhere (reproducible numbers on CPU); a torch dtype
@@ -75,6 +93,7 @@ def resolve(precision: str | torch.dtype, device: torch.device,
         precision: ``auto`` | fp32 | fp16 | bf16, or one of their torch dtypes.
         device: where the model runs.
         error: the exception raised for any other value (the caller's room's user error).
+        notes: a folder where tips already given are marked (``advise``; the cache_dir).
 
     Example:
         >>> resolve("auto", torch.device("cpu")), resolve(torch.bfloat16, torch.device("cpu"))
@@ -88,7 +107,7 @@ def resolve(precision: str | torch.dtype, device: torch.device,
         precision = names[precision]
     if precision != "auto" and precision not in PRECISIONS:
         raise error(f"precision={precision!r} is not one of auto|{'|'.join(PRECISIONS)}")
-    advise(precision, device.type)
+    advise(precision, device.type, None if notes is None else Path(notes))
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision

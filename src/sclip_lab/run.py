@@ -39,6 +39,7 @@ from sclip_lab.errors import (
     clip,
     integer,
     message_of,
+    plural,
 )
 from sclip_lab.evaluation import class_scores, evaluate_segmenter
 from sclip_lab.head_spec import HeadSpec, head_spec_of
@@ -203,8 +204,9 @@ def start_banner(jobs: Sequence[Job], spec: data.BenchmarkSpec, info: Mapping[st
             ("tower", f"{back['tower']}, patch {back['patch']}, native {back['native_size']}, "
                       f"{back['text_scores']} scores"),
             ("device", f"{info['device']}, {info['precision']}"),
-            ("dataset", f"{spec.name}: {num_images} images{total}, {spec.num_classes} classes, "
-                        f"{len(segmenter.queries)} queries"),
+            ("dataset", f"{spec.name}: {plural(num_images, 'image')}{total}, "
+                        f"{plural(spec.num_classes, 'class', 'classes')}, "
+                        f"{plural(len(segmenter.queries), 'query', 'queries')}"),
             ("preprocess", f"short side {prep.short_side}, {window}")]
     rows += [("proxy", proxy_text(p)) for p in {str(j.proxy): j.proxy for j in jobs
                                                  if j.proxy}.values()]
@@ -244,7 +246,8 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
                           per_class_acc=per_class_acc)
     # The record first: nothing that happens to the files and logging after it can lose it.
     path = save_record(job.run_dir, record)
-    print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] ({num_images} images) -> {path}")
+    print(f"mIoU {metrics['mIoU']:.2f}  {spec.name} [{label}] "
+          f"({plural(num_images, 'image')}) -> {path}")
     extras = [(PER_CLASS_FILE, lambda: write_per_class_csv(job.run_dir / PER_CLASS_FILE,
                                                             per_class, spec.classes,
                                                             per_class_acc))]

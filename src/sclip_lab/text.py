@@ -27,7 +27,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sclip_lab.errors import ConfigError
+from sclip_lab.errors import ConfigError, plural
 from sclip_lab.files import atomic_target, state_digest
 from sclip_lab.text_tower import causal_clip_text, encode_prompts, project, text_module
 
@@ -222,8 +222,9 @@ def query_embeddings(model: nn.Module, tokenizer: Callable, names: Sequence[str]
               disable=len(prompts) < SILENT_BELOW) as bar:
         embs = encode_prompts(model, tokens, groups, batch_tokens, bar.update)
     seconds = time.perf_counter() - start
-    log.info("text embeddings: %d prompts (%d names × %d templates) in %.1f s, %.0f prompts/s",
-             len(prompts), len(unique), len(templates), seconds, len(prompts) / seconds)
+    log.info("text embeddings: %s (%s × %s) in %.1f s, %.0f prompts/s",
+             plural(len(prompts), "prompt"), plural(len(unique), "name"),
+             plural(len(templates), "template"), seconds, len(prompts) / seconds)
     per_name = F.normalize(embs.float(), dim=-1).view(len(unique), len(templates), -1).mean(1)
     row = {n: i for i, n in enumerate(unique)}
     return F.normalize(per_name, dim=-1)[[row[n] for n in names]]
