@@ -20,6 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_methods_scclip import lab as scclip_lab
 from test_methods_scclip import official_lof, official_logits, official_repair
 
 from sclip_lab import attention as attn
@@ -27,16 +28,16 @@ from sclip_lab.errors import ConfigError
 from sclip_lab.pipeline import build_last_block
 
 ATOL, RTOL = 1e-5, 1e-4
-# The official h_9, h_4, h_4..h_10 of 12 blocks moved into the tiny model's trunk.
-BASE = {"name": "sfp", "pre_layer": 2, "post_layer": 1, "multi_start": 1, "multi_end": 3}
 
 
 def lab(enc, images, section, queries=None):
-    last = build_last_block(section, None, enc)
-    with torch.no_grad():
-        trunk = enc.trunk(images, last.early_layers, last.hidden_layers)
-        logits = None if queries is None else enc.logits(trunk, last, queries)
-        return enc.last_block(trunk, last), logits, trunk
+    """``(block output, logits or None, trunk)`` of the lab (SC-CLIP's test helper)."""
+    out, logits, _, trunk = scclip_lab(enc, images, section, queries)
+    return out, logits, trunk
+
+
+# The official h_9, h_4, h_4..h_10 of 12 blocks moved into the tiny model's trunk.
+BASE = {"name": "sfp", "pre_layer": 2, "post_layer": 1, "multi_start": 1, "multi_end": 3}
 
 
 def block_with_weights(blk, x):

@@ -121,12 +121,32 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_checkpoint):
         load_clip("ViT-B-32-quickgelu", str(tiny_checkpoint), "fp32", "cpu")
 
 
-def test_unknown_arch_and_offline_hub_tag(tiny_config_file, monkeypatch):
+def test_unknown_arch_and_hub_weights_that_cannot_be_had(tiny_config_file, monkeypatch):
+    """An unknown arch; a tag the arch does not have (its tags listed); registered weights
+    not cached while offline; a failed download online: one line each, naming the file."""
+    from huggingface_hub import constants
+
     with pytest.raises(ModelError, match="unknown model.arch"):
         load_clip("ViT-Q-99", "none")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="local file"):
+    with pytest.raises(ModelError, match=r"^model.pretrained=openai is not a hub tag of "
+                       rf"{TINY} \(its tags: none\); pass one, or a weights file: "
+                       rf"model.pretrained=/path/to/{TINY}.pt$"):
         load_clip(TINY, "openai", "fp32", "cpu")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(open_clip, "create_model", _unreachable)
+    with pytest.raises(ModelError, match=r"^weights 'openai' are not in the local cache and "
+                       r"the hub is offline: pass model.pretrained=/path/to/ViT-B-16.pt or "
+                       r"go online$"):
+        load_clip("ViT-B-16", "openai", "fp32", "cpu")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ModelError, match=r"^could not get weights 'openai' for "
+                       r"ViT-B-16-quickgelu \(RuntimeError: no network\); without hub "
+                       r"access pass a local file: model.pretrained=/path/to/ViT-B-16.pt$"):
+        load_clip("ViT-B-16", "openai", "fp32", "cpu")
+
+
+def _unreachable(*args, **kwargs):
+    raise RuntimeError("no network")
 
 
 def test_precision_choices(tiny_checkpoint):

@@ -140,6 +140,19 @@ def stop_task(job_id: str, slurm: LocalSlurm) -> list[int]:
                       10, f"task {job_id} not stopped")
 
 
+def stop_between_records(job_id: str, slurm: LocalSlurm, job_dir: Path) -> None:
+    """``stop_task`` at a moment when no record is half-written (none of the records'
+    temporary files exists), so that the records seen then are all that the task finished
+    before the stop; a stop that caught a write lets the task go on and stops it again."""
+    for _ in range(100):
+        stop_task(job_id, slurm)
+        if not list(job_dir.rglob(".result-*")):
+            return
+        slurm.signal(job_id, "CONT")
+        time.sleep(0.05)
+    raise AssertionError(f"task {job_id} was always stopped in the middle of a record")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, sweep_setup):
     """The two-benchmark sweep run once through SLURM, and its table."""
@@ -223,7 +236,7 @@ def test_time_limit_requeues_and_the_restart_skips_finished_variants(slurm, swee
     job_id = launch.array_id()  # one job: not an array
     job_dir = sweeps / "table3" / TINY / "voc21"
     wait_until(lambda: list(job_dir.rglob("result.json")), 180, "no record")
-    stop_task(job_id, slurm)  # frozen between two records
+    stop_between_records(job_id, slurm, job_dir)
     before = mtimes(job_dir)
     assert 1 <= len(before) < len(VARIANTS), f"the job finished {len(before)} variants"
     slurm.signal(job_id, "USR2")  # what SLURM sends at the time limit

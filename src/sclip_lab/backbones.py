@@ -132,6 +132,32 @@ def _pretrained_cfg(arch: str, pretrained: str) -> dict:
     return dict(open_clip.get_pretrained_cfg(arch, pretrained))
 
 
+def hub_offline() -> bool:
+    """Whether Hugging Face's hub is switched off (``HF_HUB_OFFLINE``, read as the hub
+    library reads it): its cache is then the only source of weights and tokenizers."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def weights_unavailable(arch: str, built: str, pretrained: str, cause: str) -> str:
+    """The one line for hub weights that open_clip could not get: a tag the arch does not
+    have (its tags listed), weights not cached while the hub is offline, or a failed
+    download; each names the file to pass instead."""
+    import open_clip
+
+    file = f"model.pretrained=/path/to/{arch.removesuffix('-quickgelu')}.pt"
+    tags = open_clip.list_pretrained_tags_by_model(built)
+    if pretrained not in tags:
+        return (f"model.pretrained={pretrained} is not a hub tag of {built} (its tags: "
+                f"{', '.join(tags) or 'none'}); pass one, or a weights file: {file}")[:300]
+    if hub_offline():
+        return (f"weights '{pretrained}' are not in the local cache and the hub is offline: "
+                f"pass {file} or go online")
+    return (f"could not get weights '{pretrained}' for {built} ({cause}); without hub access "
+            f"pass a local file: {file}")
+
+
 def native_window(arch: str) -> int:
     """The window of ``preprocess=native``: the backbone's native resolution (e.g. 336 for
     ViT-L/14-336, 224 for B/16); SCLIP's 224 when ``arch`` has no preset (warned once)."""

@@ -20,8 +20,8 @@ _OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__) + os.sep
 # open_clip warns this when it builds a model without a hub tag; the lab then loads its
 # own file (or says that the weights are random), so the line is wrong or repeated.
 _RANDOM_INIT = "initialized randomly"
-# open_clip logs this before it raises; the lab turns the error into its own one line.
-_DOWNLOAD_FAILED = "Failed to download"
+# open_clip logs these before it raises; the lab turns the error into its own one line.
+_RAISED_NEXT = ("Failed to download", "Pretrained tag or path")
 
 
 class _OpenClipChatter(logging.Filter):
@@ -33,7 +33,7 @@ class _OpenClipChatter(logging.Filter):
             return True
         message = record.getMessage()
         return (record.levelno >= logging.WARNING and _RANDOM_INIT not in message
-                and _DOWNLOAD_FAILED not in message)
+                and not any(phrase in message for phrase in _RAISED_NEXT))
 
 
 _FILTER = _OpenClipChatter()

@@ -1,4 +1,4 @@
-"""Files that are never seen half-written, their digests, and the hub's offline switch."""
+"""Files that are never seen half-written."""
 
 from __future__ import annotations
 
@@ -81,12 +81,4 @@ def _finite(obj: Any) -> Any:
 
 def _jsonable(obj: Any) -> Any:
     return str(obj)
-
-
-def hub_offline() -> bool:
-    """Whether Hugging Face's hub is switched off (``HF_HUB_OFFLINE``, read as the hub
-    library reads it): its cache is then the only source of weights and tokenizers."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
 

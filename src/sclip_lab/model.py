@@ -25,12 +25,12 @@ from sclip_lab.attention import (
     merge_heads,
     softmax_attention,
 )
-from sclip_lab.backbones import looks_like, weights_signature
+from sclip_lab.backbones import looks_like, weights_signature, weights_unavailable
 from sclip_lab.checkpoint import load_state
 from sclip_lab.console import quiet_open_clip
 from sclip_lab.errors import UserError, brief
 from sclip_lab.features import TrunkOutput, check_names, compute, context
-from sclip_lab.files import file_digest, hub_offline
+from sclip_lab.files import file_digest
 from sclip_lab.knobs import Variant, call_with
 from sclip_lab.pos_embed import DEFAULT_POS_EMBED, interpolate_pos_embed
 from sclip_lab.precision import resolve
@@ -171,12 +171,8 @@ def load_clip(arch: str, pretrained: str, precision: str = "auto", device: str =
                                        force_quick_gelu=quick_gelu and built == arch
                                        and not arch.endswith("-quickgelu"))
     except RuntimeError as e:
-        file = f"model.pretrained=/path/to/{arch.removesuffix('-quickgelu')}.pt"
-        raise ModelError(f"weights '{pretrained}' are not in the local cache and the hub is "
-                         f"offline: pass {file} or go online" if hub_offline() else
-                         f"could not get weights '{pretrained}' for {built} ({brief(e)}); "
-                         f"without hub access pass a local file: {file}", detail=str(e)
-                         ) from None
+        raise ModelError(weights_unavailable(arch, built, pretrained, brief(e)),
+                         detail=str(e)) from None
     if not isinstance(getattr(model, "visual", None), (open_clip.transformer.VisionTransformer,
                                                        open_clip.timm_model.TimmModel)):
         raise ModelError(f"{arch} has no open_clip VisionTransformer or timm tower; use a ViT "
