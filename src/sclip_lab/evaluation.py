@@ -6,7 +6,7 @@ one confusion matrix per head (docs/protocol.md §11). ``python -m sclip_lab.run
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,7 +92,17 @@ def scores(metric: SegmentationMetrics, names: Sequence[str]
     return metrics, iou
 
 
-def class_scores(metric: SegmentationMetrics, names: Sequence[str], digits: int | None = 4
+RECORD_DIGITS = 4  # decimals of the per-class values a record holds
+
+
+def rounded(per_class: Mapping[str, float | None], digits: int = RECORD_DIGITS
+            ) -> dict[str, float | None]:
+    """Per-class values rounded to ``digits`` decimals (None stays None)."""
+    return {name: None if v is None else round(v, digits) for name, v in per_class.items()}
+
+
+def class_scores(metric: SegmentationMetrics, names: Sequence[str],
+                 digits: int | None = RECORD_DIGITS
                  ) -> tuple[dict[str, float], dict[str, float | None],
                             dict[str, float | None]]:
     """``(metrics, per_class_iou, per_class_acc)``: ``scores`` and each class's Acc in
@@ -103,9 +113,8 @@ def class_scores(metric: SegmentationMetrics, names: Sequence[str], digits: int 
     keys = unique_names(names)
 
     def by_name(values: torch.Tensor) -> dict[str, float | None]:
-        return {name: None if torch.isnan(v) else
-                float(v) if digits is None else round(float(v), digits)
-                for name, v in zip(keys, values)}
+        raw = {name: None if torch.isnan(v) else float(v) for name, v in zip(keys, values)}
+        return raw if digits is None else rounded(raw, digits)
 
     return ({k: float(computed[k]) for k in METRICS}, by_name(computed["per_class_iou"]),
             by_name(computed["per_class_acc"]))

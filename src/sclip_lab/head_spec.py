@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from sclip_lab import refine
@@ -292,8 +292,7 @@ def _refine(section: Mapping[str, Any] | None) -> tuple[refine.Refinement | None
 
 def _tlp(section: Mapping[str, Any]) -> refine.TLP:
     """``postprocess=tlp``'s knobs checked (conf/postprocess/tlp.yaml; refine.TLP)."""
-    known = {"name", "grid", "tau_s", "diag_boost", "edge", "cg_iters", "tau", "min_conf",
-             "agree"}
+    known = {"name", *(f.name for f in fields(refine.TLP))}
     if extra := sorted(set(section) - known):
         raise ConfigError(f"postprocess=tlp has no knob {extra[0]!r}; its knobs: "
                           f"{', '.join(sorted(known - {'name'}))}")

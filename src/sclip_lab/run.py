@@ -41,7 +41,7 @@ from sclip_lab.errors import (
     message_of,
     plural,
 )
-from sclip_lab.evaluation import class_scores, evaluate_segmenter
+from sclip_lab.evaluation import class_scores, evaluate_segmenter, rounded
 from sclip_lab.head_spec import HeadSpec, head_spec_of
 from sclip_lab.metrics import SegmentationMetrics
 from sclip_lab.model import resolve_device, resolve_precision
@@ -232,11 +232,11 @@ def finish_job(job: Job, spec: data.BenchmarkSpec, info: Mapping[str, Any], num_
     """Compute a job's metrics, log them, save overlays, write its record and W&B run."""
     config = OmegaConf.to_container(job.cfg, resolve=True)
     names = viz.class_names(spec.classes, has_background=spec.prob_thd > 0)
-    metrics, per_class, per_class_acc = class_scores(job.metric, names)
+    metrics, iou_shown, acc_shown = class_scores(job.metric, names, digits=None)
+    per_class, per_class_acc = rounded(iou_shown), rounded(acc_shown)  # the record's
     label = job.label
     log.info("%s [%s]: mIoU %.2f  aAcc %.2f  mAcc %.2f", spec.name, label, metrics["mIoU"],
              metrics["aAcc"], metrics["mAcc"])
-    _, iou_shown, acc_shown = class_scores(job.metric, names, digits=None)  # mmseg rounds once
     log.info("%s [%s] per-class IoU / Acc (%%), as mmseg prints them:\n%s", spec.name, label,
              per_class_table(iou_shown, acc_shown, metrics))
     if job.proxy is not None:  # the record's model section names both backbones
